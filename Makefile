@@ -1,0 +1,30 @@
+# The two fresh-machine commands (README): `make demo` and `make test`. Both set up first.
+#
+# torch: this CPU machine keeps a CPU build of torch 2.13.0 on local disk, and pip takes it for
+# an exact `torch==2.13.0`. Installing it *before* the project means the project's range
+# (torch>=2.5,<=2.14.1) is already satisfied and pip never fetches a multi-GB CUDA build.
+# On a GPU image set TORCH_SPEC to the CUDA build the image wants (or to nothing).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PY) -m pip install -q "$(TORCH_SPEC)")
+	$(PY) -m pip install -q -e ".[offline,test]"
+	touch $@
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

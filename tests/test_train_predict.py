@@ -1,0 +1,201 @@
+"""The QLoRA classifier on a tiny nf4 Mistral: learns, saves, loads, scores the same way."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clf_core.artifact import open_artifact
+from clf_core.config import ClassifierConfig
+from clf_core.data import stratified_split
+from clf_core.errors import ArtifactError
+from clf_core.predict import Predictor
+from clf_core.recipe import train_classifier
+from conftest import ledger_rows
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone):
+    cfg = ClassifierConfig.load(overrides={
+        "model.backbone": tiny_backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+        "train.lr": 2e-3, "train.epochs": 3, "train.batch_size": 16,
+    })
+    split = stratified_split(ledger_rows(480, seed=1), "label", cfg.train.split, seed=200)
+    run = train_classifier(cfg, split)
+    directory = tmp_path_factory.mktemp("artifact") / "model"
+    manifest = run.save(directory, metrics=run.evaluate_table(split.test))
+    return run, split, directory, manifest
+
+
+def test_base_is_nf4_and_only_lora_and_head_train(trained):
+    import bitsandbytes as bnb
+
+    model = trained[0].prepared.model
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
+    assert q_proj.base_layer.weight.quant_state.quant_type == "nf4"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or ".score." in n for n in trainable)
+    assert any(".score." in n for n in trainable)
+
+
+def test_reaches_95_percent_validation_accuracy(trained):
+    run = trained[0]
+    history = run.trainer.state.history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = history[run.trainer.state.best_epoch]
+    assert best["val_accuracy"] >= 0.95
+    assert trained[3]["metrics"]["accuracy"] >= 0.95  # held-out test split
+
+
+def test_save_then_load_gives_identical_predictions(trained):
+    run, split, directory, manifest = trained
+    texts = split.test["texts"].tolist()
+    before = run.predictor().predict(texts)
+    loaded = Predictor.load(str(directory))
+    after = loaded.predict(texts)
+    assert loaded.model_version == manifest["model_version"]
+    assert after.labels == before.labels
+    np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-5)
+
+
+def test_manifest_describes_the_model(trained):
+    manifest = trained[3]
+    assert manifest["labels"] == ["Expense", "Income"]
+    assert manifest["backbone"]["sha256"] and manifest["backbone"]["id"]
+    assert manifest["quantization"] == {"method": "nf4", "double_quant": True}
+    assert manifest["lora"]["r"] == 8
+    assert manifest["model_version"].startswith("v") and manifest["created_at"]
+    assert "adapter.safetensors" in manifest["files"]
+    assert manifest["notes"]["history"]
+
+
+def test_padding_never_changes_a_prediction(trained):
+    run, split = trained[0], trained[1]
+    texts = split.test["texts"].tolist()[:20] + ["Gas", "Less: Unit Turnover RR - Appliance - Dishwasher Bldg A Other"]
+    predictor = run.predictor(batch_size=8)
+    batched = predictor.predict(texts)
+    alone = np.concatenate([predictor.predict([t]).probabilities for t in texts])
+    np.testing.assert_allclose(batched.probabilities, alone, atol=1e-4)
+    assert batched.labels == [predictor.label_names[i] for i in alone.argmax(-1)]
+
+
+def test_order_is_restored_after_length_sorting(trained):
+    predictor = trained[0].predictor(batch_size=3)
+    texts = ["Less: Repairs - Appliance - Dishwasher", "Rent", "Plus: Late Fee Unit 4", "Gas"]
+    forward = predictor.predict(texts)
+    backward = predictor.predict(texts[::-1])
+    np.testing.assert_allclose(forward.probabilities, backward.probabilities[::-1], atol=1e-5)
+    assert np.allclose(forward.probabilities.sum(1), 1.0, atol=1e-5)
+    assert np.allclose(forward.confidence, forward.probabilities.max(1))
+
+
+def test_tampered_artifact_is_refused(trained, tmp_path):
+    import shutil
+
+    directory = tmp_path / "copy"
+    shutil.copytree(trained[2], directory)
+    weights = directory / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="adapter.safetensors does not match its manifest"):
+        Predictor.load(str(directory))
+
+
+def test_pickle_beside_the_weights_is_refused(trained, tmp_path):
+    import shutil
+
+    directory = tmp_path / "copy"
+    shutil.copytree(trained[2], directory)
+    (directory / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ArtifactError, match="does not list.*adapter_model.bin"):
+        open_artifact(str(directory))
+
+
+def test_edited_manifest_is_refused(trained, tmp_path):
+    import shutil
+
+    directory = tmp_path / "copy"
+    shutil.copytree(trained[2], directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["labels"] = ["Income", "Expense"]  # swapping labels would silently invert every answer
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="model_version"):
+        open_artifact(str(directory))
+
+
+def test_training_is_deterministic_under_a_fixed_seed(tiny_config):
+    split = stratified_split(ledger_rows(96, seed=3), "label", tiny_config.train.split, seed=200)
+    tiny_config.train.epochs = 1
+    first = train_classifier(tiny_config, split).trainer.state.history[0]
+    second = train_classifier(tiny_config, split).trainer.state.history[0]
+    assert first["train_loss"] == pytest.approx(second["train_loss"], abs=1e-6)
+    assert first["val_loss"] == pytest.approx(second["val_loss"], abs=1e-6)
+
+
+def test_lr_drops_on_validation_plateau_and_early_stopping_ends_the_run(tiny_config):
+    """lr so small that validation loss cannot improve after the first epoch."""
+    split = stratified_split(ledger_rows(64, seed=4), "label", tiny_config.train.split, seed=200)
+    tiny_config.train.lr = 1e-7
+    tiny_config.train.epochs = 10
+    tiny_config.train.lr_patience = 0
+    tiny_config.train.early_stopping_patience = 2
+    state = train_classifier(tiny_config, split).trainer.state
+    lrs = [h["lr"] for h in state.history]
+    assert state.stopped_early and len(state.history) < 10
+    assert lrs[-1] < lrs[0]
+
+
+def test_checkpoint_resume_continues_where_it_stopped(tiny_config, tmp_path):
+    from clf_core.data import Collator, LabeledTexts
+    from clf_core.recipe import prepare
+    from clf_core.train import Trainer, make_loader
+
+    split = stratified_split(ledger_rows(96, seed=5), "label", tiny_config.train.split, seed=200)
+    tiny_config.train.early_stopping_patience = 0
+
+    def new_trainer():
+        p = prepare(tiny_config)
+        coll = Collator(p.tokenizer, 32)
+        train = LabeledTexts.from_table(split.train, "texts", "label", p.labels, "train")
+        val = LabeledTexts.from_table(split.validation, "texts", "label", p.labels, "val")
+        return Trainer(p.model, tiny_config.train, tiny_config.data.labels, p.hw.device,
+                       make_loader(train, coll, 16, True, tiny_config.train.seed),
+                       make_loader(val, coll, 64, False, 0))
+
+    uninterrupted = new_trainer()
+    uninterrupted.fit()
+
+    interrupted = new_trainer()
+    tiny_config.train.epochs = 1
+    interrupted.fit()
+    interrupted.save_checkpoint(tmp_path / "ckpt")
+    tiny_config.train.epochs = 3
+    resumed = new_trainer()
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.state.next_epoch == 1
+    resumed.fit()
+    assert [h["epoch"] for h in resumed.state.history] == [0, 1, 2]
+    for a, b in zip(resumed.state.history, uninterrupted.state.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+
+
+def test_multiclass_five_account_types_train_and_score(tiny_backbone):
+    from clf_core.data import read_table, sample_data_path
+
+    table = read_table(sample_data_path("coa_all_types")).sample(600, random_state=0)
+    labels = ["Asset", "Liability", "Equity", "Income", "Expense"]
+    cfg = ClassifierConfig.load(overrides={
+        "model.backbone": tiny_backbone, "data.text_column": "full_path", "data.label_column": "root_type",
+        "data.labels": labels, "lora.r": 8, "lora.alpha": 16, "train.lr": 2e-3, "train.epochs": 2,
+    })
+    split = stratified_split(table, "root_type", cfg.train.split, seed=200)
+    run = train_classifier(cfg, split)
+    metrics = run.evaluate_table(split.test)
+    assert len(metrics["confusion_matrix"]) == 5
+    assert metrics["accuracy"] > 0.40  # majority class (Expense) is ~37%
+    out = run.predictor().predict(split.test["full_path"].tolist())
+    assert out.probabilities.shape == (len(split.test), 5)
+    assert set(out.labels) <= set(labels)

@@ -54,3 +54,46 @@ def tiny_config(tiny_backbone) -> ClassifierConfig:
         "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
         "train.lr": 2e-3, "train.epochs": 3, "train.batch_size": 16,
     })
+
+
+@pytest.fixture(scope="session")
+def local_s3(tmp_path_factory):
+    """A real S3 endpoint (moto_server) on a free loopback port, for the whole session.
+
+    The standard AWS variables point s3fs/pyarrow/boto3 at it; they are set before any Ray
+    cluster starts so Ray workers inherit them.
+    """
+    from clf_core.local_s3 import LocalS3, apply_env, restore_env
+
+    s3 = LocalS3(log_path=tmp_path_factory.mktemp("moto") / "moto.log").start()
+    previous = apply_env(s3.env)
+    yield s3
+    restore_env(previous)
+    s3.stop()
+
+
+@pytest.fixture
+def s3_bucket(local_s3, request) -> str:
+    """A fresh bucket per test: s3://<test-name>-<n>."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    return local_s3.make_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_s3):
+    """A real local Ray cluster for the session (after the S3 env is set, so workers inherit it).
+
+    2 CPUs like this machine and CI; jobs give their actors fractional CPUs so Ray Data's read
+    tasks are never starved.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

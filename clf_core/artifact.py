@@ -102,12 +102,22 @@ def publish(local_dir: str | Path, uri: str, overwrite: bool = False) -> None:
     """Copy a finished artifact to its destination; the manifest goes last, so a reader never
     sees a manifest whose files are not all there yet. An existing artifact is never replaced
     silently."""
-    if storage.exists(storage.join(uri, MANIFEST)) and not overwrite:
+    local_dir = Path(local_dir)
+    ours = json.loads((local_dir / MANIFEST).read_text())
+    existing = storage.join(uri, MANIFEST)
+    if storage.exists(existing) and not overwrite:
+        if json.loads(storage.read_text(existing)).get("model_version") == ours["model_version"]:
+            log.info("model %s is already published at %s", ours["model_version"], uri)
+            return  # a retried run that made the same model: nothing to do
         raise ArtifactError(
             f"an artifact is already published at {uri}. Publish to a new path (artifacts are "
             f"versioned by path), or pass --overwrite to replace it."
         )
-    local_dir = Path(local_dir)
+    if overwrite and storage.exists(existing):
+        # Manifest first, so no reader trusts the old files while they are replaced.
+        fs, path = storage.filesystem(uri)
+        fs.rm(storage.filesystem(existing)[1])
+        fs.rm(path, recursive=True)
     with tempfile.TemporaryDirectory() as staging:
         shutil.copytree(local_dir, staging, dirs_exist_ok=True)
         (Path(staging) / MANIFEST).unlink()

@@ -29,6 +29,7 @@ DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -103,6 +104,11 @@ class TrainConfig:
         "Stop after this many epochs without validation improvement (0 = never).", default=2
     )
     max_steps: int = _help("Stop after this many optimizer steps in total (0 = no limit).", default=0)
+    class_weights: str = _help(
+        "'balanced' weights the loss by inverse class frequency (real charts are ~4 Expense : "
+        "1 Income; macro-F1 is what matters), 'none' for the plain loss.",
+        default="balanced",
+    )
     eval_batch_size: int = _help("Rows per forward pass when evaluating.", default=64)
     split: list[float] = _help(
         "Train / validation / test fractions when one labeled file is split.",
@@ -209,6 +215,8 @@ class ClassifierConfig:
             bad("train.eval_batch_size", "must be at least 1")
         if not 0.0 < t.lr < 1.0:
             bad("train.lr", "must be in (0, 1); the seed used 1e-4")
+        if t.class_weights not in CLASS_WEIGHTS:
+            bad("train.class_weights", f"allowed: {', '.join(CLASS_WEIGHTS)}")
         if t.weight_decay < 0:
             bad("train.weight_decay", "must be >= 0")
         if t.max_grad_norm < 0:

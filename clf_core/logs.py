@@ -23,6 +23,7 @@ KNOWN_NOISY_WARNINGS = [
     r".*The `use_fast` parameter.*",
     r".*requires_grad.*gradient checkpointing.*",
     r".*fan_in_fan_out.*",
+    r".*is_gradient_checkpointing.*deprecated.*",
 ]
 
 

@@ -22,7 +22,7 @@ from clf_core.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
 from clf_core.model import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
                             resolve_backbone, resolve_hardware, trainable_state)
 from clf_core.predict import Predictor
-from clf_core.train import EpochMetrics, Trainer, evaluate, make_loader, seed_everything
+from clf_core.train import EpochMetrics, Trainer, class_weights, evaluate, make_loader, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class TrainRun:
         data = LabeledTexts.from_table(table, p.cfg.data.text_column, p.cfg.data.label_column, p.labels, "test split")
         loader = make_loader(data, Collator(p.tokenizer, p.cfg.model.max_tokens), p.cfg.train.eval_batch_size,
                              shuffle=False, seed=0)
-        result = evaluate(p.model, loader, p.cfg.data.labels, p.hw.device)
+        result = evaluate(p.model, loader, p.cfg.data.labels, p.hw.device, self.trainer.weights)
         return {**result.metrics, "loss": result.loss}
 
     def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> dict:
@@ -95,6 +95,7 @@ def train_classifier(cfg: ClassifierConfig, split: Split, device: str | None = N
         prepared.model, t, d.labels, prepared.hw.device,
         train_loader=make_loader(train_data, collator, t.batch_size, shuffle=True, seed=t.seed),
         val_loader=make_loader(val_data, collator, t.eval_batch_size, shuffle=False, seed=t.seed),
+        weights=class_weights(train_data.label_ids, len(d.labels), t.class_weights),
     )
     trainer.fit(on_epoch_end=on_epoch_end or log_epoch)
     trainer.restore_best()

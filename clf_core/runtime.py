@@ -23,7 +23,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(runtime_env={"env_vars": env}, logging_level="WARNING")
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
-        # A local cluster for this run only: loopback, no dashboard, gone when the job ends.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+        # A local cluster for this run only, gone when the job ends. The dashboard stays on
+        # (Ray Train's controller polls the state API it serves) but binds to loopback only.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level="WARNING",
                  runtime_env={"env_vars": env})
         log.info("started a local Ray cluster (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -81,18 +81,37 @@ class Evaluation:
     probabilities: np.ndarray
 
 
+def class_weights(label_ids: list[int], num_classes: int, mode: str) -> torch.Tensor | None:
+    """'balanced': weight each class by n_rows / (n_classes * n_rows_of_class), so a minority
+    class (Income is ~1 in 5 real accounts) counts as much as the majority in the loss."""
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(label_ids, dtype=int), minlength=num_classes).astype(np.float64)
+    weights = len(label_ids) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def batch_loss(model, batch: dict, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logits): cross-entropy computed here, in fp32, with optional class weights."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    w = weights.to(logits.device) if weights is not None else None
+    return torch.nn.functional.cross_entropy(logits, batch["labels"], weight=w), logits
+
+
 @torch.inference_mode()
-def evaluate(model, loader: DataLoader, labels: list[str], device: torch.device) -> Evaluation:
+def evaluate(model, loader: DataLoader, labels: list[str], device: torch.device,
+             weights: torch.Tensor | None = None) -> Evaluation:
     was_training = model.training
     model.eval()
     total_loss, total_rows, probs, y_true = 0.0, 0, [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+        loss, logits = batch_loss(model, batch, weights)
         rows = len(batch["labels"])
-        total_loss += float(out.loss) * rows
+        total_loss += float(loss) * rows
         total_rows += rows
-        probs.append(torch.softmax(out.logits.float(), dim=-1).cpu().numpy())
+        probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
         y_true.append(batch["labels"].cpu().numpy())
     if was_training:
         model.train()
@@ -110,8 +129,10 @@ class Trainer:
     """
 
     def __init__(self, model, cfg: TrainConfig, labels: list[str], device: torch.device,
-                 train_loader: DataLoader, val_loader: DataLoader, forward_model=None):
+                 train_loader: DataLoader, val_loader: DataLoader, forward_model=None,
+                 weights: torch.Tensor | None = None):
         self.model = model
+        self.weights = weights
         self.forward_model = forward_model or model
         self.cfg = cfg
         self.labels = labels
@@ -133,7 +154,7 @@ class Trainer:
             epoch = st.next_epoch
             started = time.perf_counter()
             train_loss, steps = self._train_one_epoch(epoch)
-            evaluation = evaluate(self.forward_model, self.val_loader, self.labels, self.device)
+            evaluation = evaluate(self.forward_model, self.val_loader, self.labels, self.device, self.weights)
             self.scheduler.step(evaluation.loss)  # on validation loss, once per epoch
             # The same relative threshold ReduceLROnPlateau uses: noise-sized gains do not count.
             improved = evaluation.loss < st.best_val_loss * (1 - 1e-4)
@@ -174,7 +195,7 @@ class Trainer:
             if self._out_of_steps():
                 break
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.forward_model(**batch).loss
+            loss, _ = batch_loss(self.forward_model, batch, self.weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.max_grad_norm:

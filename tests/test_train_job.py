@@ -1,0 +1,186 @@
+"""jobs.train on a real local Ray cluster and a real local S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clf_core import storage
+from clf_core.predict import Predictor
+from conftest import ledger_rows
+from jobs import train as train_job
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.dropout=0",
+              "--lr", "2e-3", "--batch-size", "16"]
+
+
+def write_text(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def write_csv(tmp_path, table: pd.DataFrame, name="ledger.csv") -> str:
+    path = tmp_path / name
+    table.to_csv(path, index=False)
+    return str(path)
+
+
+# ---- bad input fails on the driver, before any worker starts -------------------------------------
+@pytest.mark.parametrize("case,expected", [
+    ("missing_column", "has no column 'texts'"),
+    ("unknown_label", "not in the configured labels"),
+    ("missing_label", "have no label"),
+    ("empty_file", "is empty"),
+    ("header_only", "no rows"),
+    ("tiny_class", "class 'Income' has 1 row"),
+    ("unreadable", "does not exist"),
+    ("bad_config", "train.epochs = 0"),
+])
+def test_bad_input_fails_before_any_worker(tmp_path, caplog, case, expected):
+    import ray
+
+    rows = ledger_rows(40)
+    data = {
+        "missing_column": lambda: write_csv(tmp_path, rows.rename(columns={"texts": "text"})),
+        "unknown_label": lambda: write_csv(tmp_path, rows.assign(label=["Revenue"] + rows.label.tolist()[1:])),
+        "missing_label": lambda: write_csv(tmp_path, rows.assign(label=[None] + rows.label.tolist()[1:])),
+        "empty_file": lambda: write_text(tmp_path / "e.csv", ""),
+        "header_only": lambda: write_text(tmp_path / "h.csv", "texts,label\n"),
+        "tiny_class": lambda: write_csv(tmp_path, pd.concat([rows[rows.label == "Expense"], rows[rows.label == "Income"].head(1)])),
+        "unreadable": lambda: str(tmp_path / "nowhere.parquet"),
+        "bad_config": lambda: write_csv(tmp_path, rows),
+    }[case]()
+    extra = ["--epochs", "0"] if case == "bad_config" else []
+    was_running = ray.is_initialized()
+    with caplog.at_level(logging.ERROR):
+        code = train_job.main(["--data", data, "--output", str(tmp_path / "out")] + extra)
+    assert code == 2
+    assert expected in caplog.text
+    assert ray.is_initialized() == was_running  # no cluster was started for bad input
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_artifact_is_not_overwritten(tmp_path, caplog):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    with caplog.at_level(logging.ERROR):
+        code = train_job.main(["--data", write_csv(tmp_path, ledger_rows(40)), "--output", str(tmp_path / "out")])
+    assert code == 2 and "already published" in caplog.text
+
+
+def test_every_flag_reaches_the_config():
+    args = train_job.build_parser().parse_args([
+        "--data", "x.csv", "--output", "o", "--base-model", "mistralai/Mistral-7B-v0.1", "--labels", "A,B,C",
+        "--text-column", "t", "--label-column", "l", "--epochs", "5", "--max-steps", "7", "--set", "lora.r=4"])
+    cfg = train_job.config_from_args(args)
+    assert cfg.model.backbone == "mistralai/Mistral-7B-v0.1" and cfg.data.labels == ["A", "B", "C"]
+    assert (cfg.data.text_column, cfg.data.label_column) == ("t", "l")
+    assert (cfg.train.epochs, cfg.train.max_steps, cfg.lora.r) == (5, 7, 4)
+
+
+# ---- real runs ---------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_two_workers_train_from_s3_and_publish_to_s3(ray_cluster, s3_bucket, tiny_backbone):
+    data_uri = f"{s3_bucket}/labeled/ledger.parquet"
+    ledger_rows(400, seed=1).to_parquet(data_uri)
+    output = f"{s3_bucket}/models/v1"
+    code = train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone,
+                           "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", *TINY_FLAGS])
+    assert code == 0
+    for name in ("manifest.json", "adapter.safetensors", "metrics.json", "report.md", "confusion_matrix.png", "curves.png"):
+        assert storage.exists(f"{output}/{name}"), name
+    manifest = json.loads(storage.read_text(f"{output}/manifest.json"))
+    assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1]
+    assert manifest["metrics"]["test"]["accuracy"] >= 0.9
+    # the published artifact loads and scores through clf_core
+    predictor = Predictor.load(output)
+    out = predictor.predict(["Less: Gas - Vacancy", "Plus: Late Fee Unit 4"])
+    assert out.labels == ["Expense", "Income"]
+    # checkpoints went to object storage too
+    fs, path = storage.filesystem(f"{s3_bucket}/models/v1-checkpoints")
+    assert any("checkpoint_" in p for p in fs.find(path))
+    # a second run does not overwrite the published model
+    assert train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone]) == 2
+
+
+def _ray_cli(*args, env, timeout=120):
+    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.integration
+def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
+    """The same job through `ray job submit`, with a token-authenticated head on loopback."""
+    from clf_core.local_s3 import free_port
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    started = _ray_cli("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                       "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}",
+                       "--disable-usage-stats", env=env)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        data = write_csv(tmp_path, ledger_rows(200, seed=2))
+        output = str(tmp_path / "model")
+        submitted = _ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                             "--", "python", "-m", "jobs.train", "--data", data, "--output", output,
+                             "--base-model", tiny_backbone, "--epochs", "1", "--cpus-per-worker", "1", *TINY_FLAGS,
+                             env=env, timeout=600)
+        assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+        assert "published to" in submitted.stdout
+        assert Predictor.load(output).predict(["Gas"]).labels[0] in ("Expense", "Income")
+    finally:
+        _ray_cli("stop", "--force", env=env)
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+
+
+@pytest.mark.integration
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, tiny_backbone):
+    """SIGKILL a Ray Train worker after the first checkpoint: the run restarts the worker group,
+    resumes after epoch 1 (not from scratch) and publishes a model trained for all epochs."""
+    data = write_csv(tmp_path, ledger_rows(900, seed=6))
+    output = tmp_path / "model"
+    checkpoints = tmp_path / "ckpt"
+    log_path = tmp_path / "train.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.train", "--data", data, "--output", str(output), "--checkpoints", str(checkpoints),
+             "--base-model", tiny_backbone, "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "3",
+             "--max-failures", "2", "--set", "train.early_stopping_patience=0", *TINY_FLAGS],
+            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 420
+            while not list(checkpoints.glob("*/checkpoint_*/state.json")):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 7 minutes"
+                time.sleep(0.2)
+            time.sleep(1.0)  # let Ray register the checkpoint it just persisted
+            victims = _train_worker_pids()
+            assert victims, "no RayTrainWorker process found"
+            os.kill(victims[-1], signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    manifest = json.loads((output / "manifest.json").read_text())
+    resumed = manifest["metrics"]["resumed_from_epoch"]
+    assert resumed is not None and resumed >= 1, "the run started over instead of resuming"
+    assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1, 2]
+    assert "resumed from checkpoint after epoch" in log_path.read_text()

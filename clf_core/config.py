@@ -30,6 +30,7 @@ QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTS = ("balanced", "none")
+SELECT_METRICS = ("val_macro_f1", "val_loss")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -104,6 +105,11 @@ class TrainConfig:
         "Stop after this many epochs without validation improvement (0 = never).", default=2
     )
     max_steps: int = _help("Stop after this many optimizer steps in total (0 = no limit).", default=0)
+    select_metric: str = _help(
+        "Which validation figure picks the best epoch and drives early stopping: 'val_macro_f1' "
+        "or 'val_loss'. The LR schedule always steps on validation loss.",
+        default="val_macro_f1",
+    )
     class_weights: str = _help(
         "'balanced' weights the loss by inverse class frequency (real charts are ~4 Expense : "
         "1 Income; macro-F1 is what matters), 'none' for the plain loss.",
@@ -215,6 +221,8 @@ class ClassifierConfig:
             bad("train.eval_batch_size", "must be at least 1")
         if not 0.0 < t.lr < 1.0:
             bad("train.lr", "must be in (0, 1); the seed used 1e-4")
+        if t.select_metric not in SELECT_METRICS:
+            bad("train.select_metric", f"allowed: {', '.join(SELECT_METRICS)}")
         if t.class_weights not in CLASS_WEIGHTS:
             bad("train.class_weights", f"allowed: {', '.join(CLASS_WEIGHTS)}")
         if t.weight_decay < 0:

@@ -68,6 +68,7 @@ class TrainState:
     next_epoch: int = 0
     global_step: int = 0
     best_val_loss: float = math.inf
+    best_score: float = -math.inf
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     history: list[dict] = field(default_factory=list)
@@ -156,10 +157,12 @@ class Trainer:
             train_loss, steps = self._train_one_epoch(epoch)
             evaluation = evaluate(self.forward_model, self.val_loader, self.labels, self.device, self.weights)
             self.scheduler.step(evaluation.loss)  # on validation loss, once per epoch
+            score = self._selection_score(evaluation)
             # The same relative threshold ReduceLROnPlateau uses: noise-sized gains do not count.
-            improved = evaluation.loss < st.best_val_loss * (1 - 1e-4)
+            improved = score > st.best_score + 1e-4 * abs(st.best_score) if math.isfinite(st.best_score) else True
             if improved:
-                st.best_val_loss, st.best_epoch, st.epochs_without_improvement = evaluation.loss, epoch, 0
+                st.best_score, st.best_val_loss, st.best_epoch = score, evaluation.loss, epoch
+                st.epochs_without_improvement = 0
                 self.best_weights = trainable_state(self.model)
             else:
                 st.epochs_without_improvement += 1
@@ -180,6 +183,13 @@ class Trainer:
             if on_epoch_end:
                 on_epoch_end(self, metrics)
         return st
+
+    def _selection_score(self, evaluation: Evaluation) -> float:
+        """Higher is better. macro-F1 (ties broken by lower loss) is what the report judges;
+        validation loss keeps rising on an over-confident but still improving classifier."""
+        if self.cfg.select_metric == "val_macro_f1":
+            return evaluation.metrics["macro_f1"] - 1e-6 * evaluation.loss
+        return -evaluation.loss
 
     def _out_of_steps(self) -> bool:
         return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps

@@ -8,7 +8,7 @@ Run as (local Ray is started for you; small offline backbone, a few minutes on a
 On a cluster (Mistral-7B on GPU workers, data and artifact in S3):
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m jobs.train --config configs/mistral_7b_t4.yaml \\
+        python -m jobs.train --config configs/mistral_7b_qlora.yaml \\
         --data s3://ledgers/labeled/train.parquet --output s3://models/income-expense/v7 \\
         --num-workers 2 --use-gpu
 

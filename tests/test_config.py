@@ -111,3 +111,13 @@ def test_auto_dtype_follows_the_gpu_generation(monkeypatch, capability, expected
     if capability == (7, 5):
         with pytest.raises(ConfigError, match="Tesla T4.*no native bf16.*float16"):
             resolve_hardware(ClassifierConfig.load(overrides={"model.device": "cuda", "model.compute_dtype": "bfloat16"}).model)
+
+
+def test_shipped_config_files_load_and_validate():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = ClassifierConfig.load(str(path))
+        assert cfg.model.backbone

@@ -97,3 +97,19 @@ def ray_cluster(local_s3):
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_backbone) -> str:
+    """A trained tiny nf4 Mistral classifier saved as an artifact (local folder), for scoring tests."""
+    from clf_core.data import stratified_split
+    from clf_core.recipe import train_classifier
+
+    cfg = ClassifierConfig.load(overrides={
+        "model.backbone": tiny_backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+        "train.lr": 2e-3, "train.epochs": 2, "train.batch_size": 16,
+    })
+    split = stratified_split(ledger_rows(240, seed=11), "label", cfg.train.split, seed=200)
+    directory = tmp_path_factory.mktemp("scoring-artifact") / "model"
+    train_classifier(cfg, split).save(directory)
+    return str(directory)

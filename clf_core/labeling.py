@@ -1,0 +1,309 @@
+"""Label Hive-partitioned Parquet ledgers with Ray Data: plan -> score distinct texts -> label
+rows -> commit each partition. Shared by jobs.label (nightly, incremental) and jobs.backfill.
+
+Two streaming passes, because "each distinct text is scored once per run" cannot hold when
+several actors see the same text in different batches:
+
+  pass 1  read text column -> valid texts, distinct per batch -> groupby(text) (a shuffle: each
+          distinct text once, run-wide) -> TextScorer actors: score only cache misses, append
+          them to the label cache -> the driver adds up (scored, cache hits)
+  pass 2  read rows (partition from the path) -> ApplyLabels actors: look labels up in the
+          cache -> StageWriter: files under the run's attempt prefix -> the driver counts rows
+          per partition and commits each one as soon as it adds up (clf_core.partitions)
+
+The driver only ever receives per-batch counts and per-file records, never rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+
+from clf_core import partitions as parts
+from clf_core import storage
+from clf_core.errors import ConfigError
+from clf_core.scoring import OUTPUT_COLUMNS, TEXT, ApplyLabels, TextScorer, distinct_valid_texts
+
+log = logging.getLogger(__name__)
+
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class LabelSettings:
+    model: str = _help("Model artifact published by jobs.train: a local folder or s3:// URI.", default="")
+    input: str = _help("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="")
+    output: str = _help("Prefix for labeled partitions, mirroring the input layout (local or s3://).", default="")
+    cache: str = _help("Label cache prefix, keyed by model version and text. Default: <output>/_label_cache.",
+                       default="")
+    text_column: str = _help("Column holding the line-item text.", default="texts")
+    partition_key: str = _help("Hive partition key of the input folders (key=value).", default="dt")
+    actors: int = _help("Scoring actors (production: one per GPU).", default=1)
+    cpus_per_actor: float = _help("CPUs reserved per actor. Keep the total below the cluster's CPUs so "
+                                  "Ray Data's read tasks are never starved.", default=0.5)
+    gpus_per_actor: float = _help("GPUs per scoring actor: 1 on a T4 node, 0 on CPU.", default=0.0)
+    batch_size: int = _help("Rows per model forward pass and per scoring call.", default=64)
+    shuffle_partitions: int = _help("Partitions of the run-wide distinct-text shuffle: a few per node; more for "
+                                    "tens of millions of distinct texts.", default=16)
+    max_text_chars: int = _help("Texts longer than this are not scored; the row's error says why.", default=2000)
+    actor_start_timeout_s: float = _help("Seconds to wait for the first actors to load the model "
+                                         "(-1 = no limit: 7B weights can take minutes).", default=-1)
+    force: bool = _help("Relabel partitions that already have committed output.", default=False)
+    dry_run: bool = _help("List what would be labeled and exit without running anything.", default=False)
+
+    def cache_uri(self) -> str:
+        return self.cache or storage.join(self.output, "_label_cache")
+
+    def validate(self) -> "LabelSettings":
+        problems = []
+        for name in ("model", "input", "output"):
+            if not getattr(self, name).strip():
+                problems.append(f"--{name} is required (a local path or s3:// URI)")
+        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
+            problems.append(f"--output {self.output!r} is the same as --input; write labels to a separate prefix")
+        if not self.text_column:
+            problems.append("--text-column must name a column")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.partition_key or ""):
+            problems.append(f"--partition-key {self.partition_key!r}: use a column-like name such as dt")
+        if self.text_column in OUTPUT_COLUMNS:
+            problems.append(f"--text-column {self.text_column!r} is a column labeling adds; name the input column")
+        if self.actors < 1:
+            problems.append(f"--actors {self.actors}: must be at least 1")
+        if self.cpus_per_actor <= 0:
+            problems.append(f"--cpus-per-actor {self.cpus_per_actor}: must be > 0 (e.g. 0.5 on a laptop, 4 on a GPU node)")
+        if self.gpus_per_actor < 0:
+            problems.append(f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0 (1 = one T4 per actor)")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.shuffle_partitions < 1:
+            problems.append(f"--shuffle-partitions {self.shuffle_partitions}: must be at least 1")
+        if self.max_text_chars < 1:
+            problems.append(f"--max-text-chars {self.max_text_chars}: must be at least 1")
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+def add_arguments(parser, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per LabelSettings field, its help from the field's docstring-like help."""
+    for f in dataclasses.fields(LabelSettings):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default!r})")
+
+
+def settings_from_args(args) -> LabelSettings:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(LabelSettings) if hasattr(args, f.name)}
+    return LabelSettings(**values).validate()
+
+
+def parse_date(flag: str, value: str) -> date:
+    if not DATE.match(value or ""):
+        raise ConfigError(f"{flag} {value!r}: expected a date as YYYY-MM-DD, e.g. 2024-01-31")
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {value!r}: not a calendar date ({exc}); use YYYY-MM-DD") from exc
+
+
+# ---- plan ---------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    todo: list[parts.Partition]
+    skipped: list[str]                 # committed already (and not forced)
+    failed: dict[str, str]             # partition -> why (names the file)
+
+
+def plan(settings: LabelSettings, model_version: str, start: date | None = None, end: date | None = None,
+         relabel_other_versions: bool = False) -> Plan:
+    """Which partitions to label: those without committed output (or all, with --force); with a
+    date range, only those inside it; for backfills, also those labeled by another model version
+    (which makes an interrupted backfill resumable: what it finished is skipped on the re-run)."""
+    found = parts.discover(settings.input, settings.partition_key)
+    todo, skipped, failed = [], [], {}
+    for p in found:
+        if start or end:
+            if not DATE.match(p.value):
+                log.warning("ignoring %s: not a date, outside any --start/--end range", p.name)
+                continue
+            if (start and p.value < start.isoformat()) or (end and p.value > end.isoformat()):
+                continue
+        manifest = parts.read_manifest(settings.output, p.name)
+        if manifest and not settings.force:
+            if not (relabel_other_versions and manifest.get("model_version") != model_version):
+                skipped.append(p.name)
+                continue
+        parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,))
+        if p.problem:
+            failed[p.name] = p.problem
+        else:
+            todo.append(p)
+    return Plan(todo, skipped, failed)
+
+
+def describe_plan(pl: Plan) -> str:
+    lines = [f"would label {len(pl.todo)} partition(s) ({sum(p.rows for p in pl.todo)} rows), "
+             f"skip {len(pl.skipped)} already committed, {len(pl.failed)} cannot be read"]
+    lines += [f"  label  {p.name}  {p.rows} rows in {len(p.files)} file(s)" for p in pl.todo]
+    lines += [f"  skip   {name}  (committed; --force relabels)" for name in pl.skipped]
+    lines += [f"  FAIL   {name}  {why}" for name, why in pl.failed.items()]
+    return "\n".join(lines)
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    partitions_committed: list[str] = field(default_factory=list)
+    partitions_skipped: list[str] = field(default_factory=list)
+    partitions_failed: dict[str, str] = field(default_factory=dict)
+    rows_in: int = 0
+    rows_out: int = 0
+    error_rows: int = 0
+    distinct_texts: int = 0
+    scored: int = 0
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.partitions_failed
+
+    def report(self) -> str:
+        lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
+                 f"failed {len(self.partitions_failed)} | rows in {self.rows_in}, out {self.rows_out}, "
+                 f"with error {self.error_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, "
+                 f"cache hits {self.cache_hits} | {self.seconds:.1f}s "
+                 f"({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
+        lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
+        return "\n".join(lines)
+
+
+def _actor_args(settings: LabelSettings) -> dict:
+    import ray
+
+    return dict(compute=ray.data.ActorPoolStrategy(size=settings.actors), num_cpus=settings.cpus_per_actor,
+                num_gpus=settings.gpus_per_actor or None, batch_size=settings.batch_size)
+
+
+def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], run_id: str, summary: Summary) -> None:
+    """Pass 1: every distinct valid text of the run ends up in the label cache, scored once."""
+    import ray
+
+    files = [f for p in todo for f in p.files]
+    texts = (ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
+             .map_batches(distinct_valid_texts, batch_format="pandas", num_cpus=0.25,
+                          fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
+             .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
+             .select_columns([TEXT]))
+    device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
+    counts = texts.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),
+                               fn_constructor_kwargs={"model": settings.model, "cache": settings.cache_uri(),
+                                                      "run_id": run_id, "batch_size": settings.batch_size,
+                                                      "device": device})
+    for batch in counts.iter_batches(batch_format="pandas", batch_size=None):
+        summary.scored += int(batch["scored"].sum())
+        summary.cache_hits += int(batch["cache_hits"].sum())
+    summary.distinct_texts = summary.scored + summary.cache_hits
+    log.info("pass 1: %d distinct texts, %d scored, %d from the label cache",
+             summary.distinct_texts, summary.scored, summary.cache_hits)
+
+
+def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model_version: str, run_id: str,
+                     summary: Summary, started: float) -> None:
+    """Pass 2: label every row, stage the files, commit each partition when its rows add up."""
+    import ray
+    from ray.data.datasource import Partitioning
+
+    fs, input_root = storage.filesystem(settings.input)
+    files = [f for p in todo for f in p.files]
+    labeled_at = datetime.now(timezone.utc).isoformat()
+    records = (ray.data.read_parquet(files, partitioning=Partitioning("hive", base_dir=input_root,
+                                                                      field_names=[settings.partition_key]))
+               .map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
+                            compute=ray.data.ActorPoolStrategy(size=settings.actors),
+                            batch_size=settings.batch_size * 4,
+                            fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
+                                                   "text_column": settings.text_column,
+                                                   "max_chars": settings.max_text_chars, "labeled_at": labeled_at})
+               .map_batches(parts.StageWriter(settings.output, run_id, settings.partition_key),
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.25))
+    by_name = {p.name: p for p in todo}
+    written: dict[str, list[dict]] = {name: [] for name in by_name}
+    info = {"run_id": run_id, "model_version": model_version, "model": settings.model,
+            "text_column": settings.text_column}
+    for batch in records.iter_batches(batch_format="pandas", batch_size=None):
+        for record in batch.to_dict("records"):
+            name = record["partition"]
+            written[name].append(record)
+            got = sum(r["rows"] for r in written[name])
+            if got == by_name[name].rows:
+                _commit(settings, by_name[name], written[name], info, summary)
+                elapsed = time.monotonic() - started
+                log.info("committed %s: %d rows | %d/%d partitions done, %.0f rows/s", name, got,
+                         len(summary.partitions_committed), len(todo), summary.rows_out / max(elapsed, 1e-9))
+            elif got > by_name[name].rows:  # never expected: Ray delivers each output block once
+                log.error("%s: %d rows written for %d input rows", name, got, by_name[name].rows)
+                summary.partitions_failed.setdefault(name, f"wrote {got} rows for {by_name[name].rows} input rows")
+    for name, p in by_name.items():
+        if name not in summary.partitions_committed and name not in summary.partitions_failed:
+            got = sum(r["rows"] for r in written[name])
+            summary.partitions_failed[name] = f"wrote {got} of {p.rows} rows; not committed"
+
+
+def _commit(settings, partition, written, info, summary) -> None:
+    try:
+        manifest = parts.commit(settings.output, partition, written, info)
+    except parts.CommitError as exc:
+        summary.partitions_failed[partition.name] = str(exc)
+        return
+    summary.partitions_committed.append(partition.name)
+    summary.rows_out += manifest["rows"]
+    summary.error_rows += manifest["error_rows"]
+
+
+def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
+    """Both passes over the planned partitions. Failures are reported in the summary; a failure
+    of the whole pipeline (e.g. a file corrupt past its footer) fails every uncommitted partition."""
+    import ray
+
+    started = time.monotonic()
+    summary = Summary(partitions_skipped=list(pl.skipped), partitions_failed=dict(pl.failed),
+                      rows_in=sum(p.rows for p in pl.todo))
+    if pl.todo:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False      # our own progress lines instead
+        ctx.wait_for_min_actors_s = settings.actor_start_timeout_s  # 7B actors may take minutes to load
+        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+        log.info("run %s: %d partition(s), %d rows, model %s", run_id, len(pl.todo), summary.rows_in, model_version)
+        try:
+            score_distinct_texts(settings, pl.todo, run_id, summary)
+            label_and_commit(settings, pl.todo, model_version, run_id, summary, started)
+        except Exception as exc:  # the pipeline died: every partition not yet committed failed
+            why = f"the labeling pipeline failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
+            log.error(why)
+            for p in pl.todo:
+                if p.name not in summary.partitions_committed:
+                    summary.partitions_failed.setdefault(p.name, why)
+    summary.seconds = time.monotonic() - started
+    if pl.todo:  # an audit trail of what each run did, next to the output it describes
+        storage.write_bytes(storage.join(settings.output, "_runs", f"{run_id}.json"),
+                            json.dumps({"run_id": run_id, "model_version": model_version,
+                                        **dataclasses.asdict(summary)}, indent=2).encode())
+    return summary

@@ -1,0 +1,129 @@
+"""The callables Ray Data wraps to label ledger rows; each also runs as plain Python in tests.
+
+Labeling runs in two streaming passes (see clf_core.labeling for why):
+
+    TextScorer     (pass 1, actor, holds the model)  distinct texts -> label cache entries
+    ApplyLabels    (pass 2, actor, holds the cache)  ledger rows    -> rows + label columns
+
+`TextScorer` loads the model once in `__init__` (minutes for 7B weights) and `__call__(batch)`
+scores only the texts the label cache does not already hold, appending the new results to the
+cache. `ApplyLabels` never touches the model: by the time it runs, every valid text of the run
+is in the cache, so pass 2 is a lookup.
+
+Bad rows never stop a job: `check_text` says why a value cannot be scored, and that reason
+becomes the row's `error` (its `label` stays null).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pandas as pd
+import pyarrow as pa
+
+from clf_core.label_cache import LabelCache
+
+log = logging.getLogger(__name__)
+
+# The columns labeling appends; an input that already holds one is refused, never overwritten.
+OUTPUT_COLUMNS = ("label", "confidence", "model_version", "labeled_at", "error")
+TEXT = "text"  # column name of the distinct-texts dataset of pass 1
+
+
+def check_text(value, max_chars: int) -> tuple[str | None, str | None]:
+    """(text to score, None) or (None, why it cannot be scored)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, "text is null"
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "text is not valid UTF-8"
+    if not isinstance(value, str):
+        return None, f"text is not a string ({type(value).__name__})"
+    if not value:
+        return None, "text is empty"
+    if not value.strip():
+        return None, "text is only whitespace"
+    if len(value) > max_chars:
+        return None, f"text is {len(value)} characters long, over the limit of {max_chars} (--max-text-chars)"
+    return value, None
+
+
+def distinct_valid_texts(batch: pd.DataFrame, text_column: str, max_chars: int) -> pd.DataFrame:
+    """Pass 1 preprocessing: the scoreable texts of a batch, each once (shrinks the shuffle)."""
+    texts = {t for t in (check_text(v, max_chars)[0] for v in batch[text_column]) if t is not None}
+    return pd.DataFrame({TEXT: sorted(texts)}, dtype=object)
+
+
+class TextScorer:
+    """Pass 1 actor: score each distinct text the cache does not know, and remember the result.
+
+    Returns one summary row per batch (texts scored, cache hits): the driver adds those up and
+    never sees the texts themselves.
+    """
+
+    def __init__(self, model: str, cache: str, run_id: str, batch_size: int = 64, device: str | None = None):
+        from clf_core.logs import quiet_libraries
+        from clf_core.predict import Predictor  # torch is imported in the actor, not the driver
+
+        quiet_libraries()
+        started = time.monotonic()
+        self.predictor = Predictor.load(model, device=device, batch_size=batch_size)
+        self.cache = LabelCache(cache, self.predictor.model_version)
+        self.known = self.cache.load()
+        self.run_id = run_id
+        log.info("scorer ready in %.1fs: model %s, %d cached labels", time.monotonic() - started,
+                 self.predictor.model_version, len(self.known))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        texts = [t for t in batch[TEXT].tolist() if t not in self.known]
+        hits = len(batch) - len(texts)
+        if texts:
+            out = self.predictor.predict(texts)
+            entries = pd.DataFrame({TEXT: texts, "label": out.labels,
+                                    "confidence": out.confidence.astype("float64")})
+            self.cache.append(entries, self.run_id)  # durable before we report it scored
+            self.known.update(zip(texts, zip(out.labels, entries["confidence"].tolist())))
+        return pd.DataFrame({"scored": [len(texts)], "cache_hits": [hits]})
+
+
+class ApplyLabels:
+    """Pass 2 actor: append label, confidence, model_version, labeled_at and error to each row.
+
+    Works on Arrow batches so every input column passes through with its exact type (a pandas
+    round trip would turn nullable integers into floats).
+    """
+
+    def __init__(self, cache: str, model_version: str, text_column: str, max_chars: int, labeled_at: str):
+        self.labels = LabelCache(cache, model_version).load()
+        self.model_version = model_version
+        self.text_column = text_column
+        self.max_chars = max_chars
+        self.labeled_at = pd.Timestamp(labeled_at)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        labels, confidence, errors = [], [], []
+        for value in batch.column(self.text_column).to_pylist():
+            text, error = check_text(value, self.max_chars)
+            if text is not None:
+                hit = self.labels.get(text)
+                if hit is None:
+                    # Pass 1 put every valid text of this run into the cache: a miss means the
+                    # cache was changed underneath us. Fail loudly rather than commit unlabeled rows.
+                    raise RuntimeError(f"text {text[:60]!r} is missing from the label cache after scoring; "
+                                       f"was the cache deleted during the run? Re-run the job.")
+                labels.append(hit[0])
+                confidence.append(hit[1])
+            else:
+                labels.append(None)
+                confidence.append(None)
+            errors.append(error)
+        n = batch.num_rows
+        return (batch.append_column("label", pa.array(labels, pa.string()))
+                .append_column("confidence", pa.array(confidence, pa.float64()))
+                .append_column("model_version", pa.array([self.model_version] * n, pa.string()))
+                .append_column("labeled_at", pa.array([self.labeled_at] * n, pa.timestamp("us", tz="UTC")))
+                .append_column("error", pa.array(errors, pa.string())))

@@ -101,15 +101,18 @@ def ray_cluster(local_s3):
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_backbone) -> str:
-    """A trained tiny nf4 Mistral classifier saved as an artifact (local folder), for scoring tests."""
+    """A tiny nf4 Mistral classifier saved as an artifact (local folder), for scoring tests.
+
+    A few optimizer steps only: scoring tests check plumbing (every row once, the columns, the
+    cache), not accuracy, which tests/test_train_predict.py covers."""
     from clf_core.data import stratified_split
     from clf_core.recipe import train_classifier
 
     cfg = ClassifierConfig.load(overrides={
         "model.backbone": tiny_backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.lr": 2e-3, "train.epochs": 2, "train.batch_size": 16,
+        "train.lr": 2e-3, "train.epochs": 1, "train.batch_size": 16, "train.max_steps": 6,
     })
-    split = stratified_split(ledger_rows(240, seed=11), "label", cfg.train.split, seed=200)
+    split = stratified_split(ledger_rows(128, seed=11), "label", cfg.train.split, seed=200)
     directory = tmp_path_factory.mktemp("scoring-artifact") / "model"
     train_classifier(cfg, split).save(directory)
     return str(directory)

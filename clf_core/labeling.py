@@ -58,6 +58,9 @@ class LabelSettings:
     max_text_chars: int = _help("Texts longer than this are not scored; the row's error says why.", default=2000)
     actor_start_timeout_s: float = _help("Seconds to wait for the first actors to load the model "
                                          "(-1 = no limit: 7B weights can take minutes).", default=-1)
+    review_threshold: float = _help("Rows scored below this confidence, and rows that could not be scored, "
+                                    "get needs_review=true and are listed in <partition>/_review.csv.",
+                                    default=0.9)
     force: bool = _help("Relabel partitions that already have committed output.", default=False)
     dry_run: bool = _help("List what would be labeled and exit without running anything.", default=False)
 
@@ -87,6 +90,8 @@ class LabelSettings:
             problems.append(f"--batch-size {self.batch_size}: must be at least 1")
         if self.shuffle_partitions < 1:
             problems.append(f"--shuffle-partitions {self.shuffle_partitions}: must be at least 1")
+        if not 0.0 <= self.review_threshold <= 1.0:
+            problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored rows)")
         if self.max_text_chars < 1:
             problems.append(f"--max-text-chars {self.max_text_chars}: must be at least 1")
         if problems:
@@ -176,6 +181,7 @@ class Summary:
     rows_in: int = 0
     rows_out: int = 0
     error_rows: int = 0
+    review_rows: int = 0
     distinct_texts: int = 0
     scored: int = 0
     cache_hits: int = 0
@@ -188,7 +194,7 @@ class Summary:
     def report(self) -> str:
         lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
                  f"failed {len(self.partitions_failed)} | rows in {self.rows_in}, out {self.rows_out}, "
-                 f"with error {self.error_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, "
+                 f"with error {self.error_rows}, to review {self.review_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, "
                  f"cache hits {self.cache_hits} | {self.seconds:.1f}s "
                  f"({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
@@ -241,7 +247,8 @@ def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model
                             batch_size=settings.batch_size * 4,
                             fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
                                                    "text_column": settings.text_column,
-                                                   "max_chars": settings.max_text_chars, "labeled_at": labeled_at})
+                                                   "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
+                                                   "review_threshold": settings.review_threshold})
                .map_batches(parts.StageWriter(settings.output, run_id, settings.partition_key),
                             batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     by_name = {p.name: p for p in todo}
@@ -269,6 +276,9 @@ def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model
 
 def _commit(settings, partition, written, info, summary) -> None:
     try:
+        # The review list is written before the commit point (_SUCCESS), so a committed
+        # partition always has one; a crash in between leaves only a `_` file a re-run replaces.
+        summary.review_rows += parts.write_review_file(settings.output, partition.name, written)
         manifest = parts.commit(settings.output, partition, written, info)
     except parts.CommitError as exc:
         summary.partitions_failed[partition.name] = str(exc)

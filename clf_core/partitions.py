@@ -183,6 +183,26 @@ def commit(output_uri: str, partition: Partition, written: list[dict], info: dic
     return manifest
 
 
+REVIEW = "_review.csv"
+REVIEW_COLUMNS = ("label", "confidence", "error")
+
+
+def write_review_file(output_uri: str, partition_name: str, written: list[dict]) -> int:
+    """<partition>/_review.csv: the rows flagged needs_review (every input column plus label,
+    confidence and error), for the accountants who check doubtful lines instead of all of them."""
+    fs, root = storage.filesystem(output_uri)
+    frames = []
+    for record in written:
+        with fs.open(posixpath.join(root, record["path"]), "rb") as f:
+            table = pq.read_table(f, filters=[("needs_review", "=", True)])
+        frames.append(table.to_pandas())
+    flagged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(flagged):
+        flagged = flagged.drop(columns=[c for c in ("model_version", "labeled_at", "needs_review") if c in flagged])
+    storage.write_bytes(storage.join(output_uri, partition_name, REVIEW), flagged.to_csv(index=False).encode())
+    return len(flagged)
+
+
 def _remove_stale_attempts(output_uri: str, partition_name: str, keep: set) -> None:
     """Delete attempt folders that no manifest lists (crashed or superseded runs). The previous
     manifest's files are kept one generation, so a reader that just read it can still finish."""

@@ -28,7 +28,7 @@ from clf_core.label_cache import LabelCache
 log = logging.getLogger(__name__)
 
 # The columns labeling appends; an input that already holds one is refused, never overwritten.
-OUTPUT_COLUMNS = ("label", "confidence", "model_version", "labeled_at", "error")
+OUTPUT_COLUMNS = ("label", "confidence", "model_version", "labeled_at", "error", "needs_review")
 TEXT = "text"  # column name of the distinct-texts dataset of pass 1
 
 
@@ -97,8 +97,10 @@ class ApplyLabels:
     round trip would turn nullable integers into floats).
     """
 
-    def __init__(self, cache: str, model_version: str, text_column: str, max_chars: int, labeled_at: str):
+    def __init__(self, cache: str, model_version: str, text_column: str, max_chars: int, labeled_at: str,
+                 review_threshold: float = 0.0):
         self.labels = LabelCache(cache, model_version).load()
+        self.review_threshold = review_threshold
         self.model_version = model_version
         self.text_column = text_column
         self.max_chars = max_chars
@@ -126,4 +128,7 @@ class ApplyLabels:
                 .append_column("confidence", pa.array(confidence, pa.float64()))
                 .append_column("model_version", pa.array([self.model_version] * n, pa.string()))
                 .append_column("labeled_at", pa.array([self.labeled_at] * n, pa.timestamp("us", tz="UTC")))
-                .append_column("error", pa.array(errors, pa.string())))
+                .append_column("error", pa.array(errors, pa.string()))
+                # A person should look at every doubtful label and every line that got none.
+                .append_column("needs_review", pa.array(
+                    [e is not None or c < self.review_threshold for c, e in zip(confidence, errors)], pa.bool_())))

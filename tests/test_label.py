@@ -132,6 +132,11 @@ def test_scorer_scores_each_text_once_then_serves_it_from_the_cache(tiny_artifac
     assert out["label"].to_pylist() == [expected.labels[0], None, expected.labels[1]]
     assert out["error"].to_pylist() == [None, "text is null", None]
     assert out["model_version"].to_pylist() == [scorer.predictor.model_version] * 3
+    # no threshold: only the row that could not be scored needs review
+    assert out["needs_review"].to_pylist() == [False, True, False]
+    strict = ApplyLabels(str(tmp_path / "cache"), scorer.predictor.model_version, "texts", 50,
+                         "2024-03-02T00:00:00+00:00", review_threshold=1.0)
+    assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
 
 
 def test_commit_refuses_a_partition_whose_rows_do_not_add_up(tmp_path):
@@ -182,6 +187,12 @@ def test_label_incremental_rerun_redo_force_and_backfill(ray_cluster, s3_bucket,
     assert labeled["confidence"].between(0.5, 1.0).all() and labeled["model_version"].nunique() == 1
     first = manifests(out)
     assert set(first) == {f"dt={d}" for d in DAYS} and all(m["rows"] == 100 for m in first.values())
+    # each partition lists exactly its needs_review rows (default threshold 0.9) for people to check
+    for day in DAYS:
+        review = pd.read_csv(storage.join(out, f"dt={day}", "_review.csv"))
+        flagged = labeled[(labeled.dt == day) & labeled["needs_review"]]
+        assert sorted(review["row_id"].tolist()) == sorted(flagged["row_id"].tolist())
+        assert (flagged["confidence"] < 0.9).all()
 
     # Nothing new: a re-run commits nothing and rewrites nothing.
     assert label.main(job_args(tiny_artifact, src, out)) == 0

@@ -25,6 +25,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     else:
         # A local cluster for this run only, gone when the job ends. The dashboard stays on
         # (Ray Train's controller polls the state API it serves) but binds to loopback only.
+        # Ray 2.60 turns token authentication on by default, so the cluster's ports refuse
+        # clients that do not hold this machine's token (~/.ray/auth_token).
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level="WARNING",
                  runtime_env={"env_vars": env})
         log.info("started a local Ray cluster (%s CPUs)", ray.cluster_resources().get("CPU"))

@@ -5,7 +5,8 @@ Silenced deliberately, one by one (anything else still shows):
   classification head is *expected* to be missing from a backbone checkpoint;
 - PEFT / bitsandbytes / torch.utils.checkpoint UserWarnings that fire on every QLoRA model build
   and say nothing the user can act on;
-- the tokenizers fork warning (we tokenize in the main process only).
+- the tokenizers fork warning (we tokenize in the main process only);
+- Ray Data's per-pipeline INFO lines (execution plans), replaced by our own progress lines.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def quiet_libraries() -> None:
         pass
     for name in ("peft", "bitsandbytes", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Data prints its execution plan and "dataset finished" lines for every pipeline; our
+    # jobs log their own progress (partitions done, rows/s) instead.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "INFO") -> None:

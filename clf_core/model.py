@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,29 @@ def resolve_backbone(backbone: str) -> str:
     return backbone
 
 
+# Written by clf_core.prequantize beside 4-bit weights it saved: the fingerprint of the weights they
+# were quantized from, and of the directory itself as written.
+PREQUANTIZED_META = "prequantized.json"
+
+
 def backbone_fingerprint(local_dir: str) -> dict:
+    """The fingerprint an artifact's manifest must match. A pre-quantized copy of a backbone
+    (clf_core.prequantize) stands for the weights it was quantized from, as long as the copy
+    itself is unchanged; an edited copy gets its own fingerprint, which matches no artifact."""
+    root = Path(local_dir)
+    meta_path = root / PREQUANTIZED_META
+    if meta_path.is_file():
+        import json
+
+        meta = json.loads(meta_path.read_text())
+        own = directory_fingerprint(local_dir, skip=(PREQUANTIZED_META,))
+        if own["sha256"] == meta.get("fingerprint", {}).get("sha256"):
+            return dict(meta["source"])
+        return own
+    return directory_fingerprint(local_dir)
+
+
+def directory_fingerprint(local_dir: str, skip: tuple[str, ...] = ()) -> dict:
     """Identify the exact backbone weights an artifact was trained on.
 
     Hub snapshots carry their commit in the path. For any directory we hash config.json, the
@@ -109,6 +132,8 @@ def backbone_fingerprint(local_dir: str) -> dict:
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
+        if rel in skip:
+            continue
         digest.update(rel.encode())
         if path.suffix == ".safetensors":
             with open(path, "rb") as f:
@@ -177,15 +202,25 @@ def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
     from transformers import AutoModelForSequenceClassification
 
     labels = cfg.data.labels
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        quantization_config=quantization_config(cfg.model, hw),
-        dtype=hw.compute_dtype,  # of the parts left unquantized: embeddings, norms, head
-        device_map={"": hw.device},
-    )
+    with warnings.catch_warnings():
+        # A pre-quantized base (clf_core.prequantize) keeps its saved config, which is ours; the
+        # warning that ours is ignored says nothing to act on.
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            quantization_config=quantization_config(cfg.model, hw),
+            dtype=hw.compute_dtype,  # of the parts left unquantized: embeddings, norms, head
+            device_map={"": hw.device},
+        )
+    if cfg.model.quantization != "none":
+        # A pre-quantized base loads with the compute dtype it was saved with; the hardware
+        # decides it here, as for a base quantized on load.
+        for module in model.modules():
+            if hasattr(module, "compute_dtype") and hasattr(module.weight, "quant_state"):
+                module.compute_dtype = hw.compute_dtype
     return model
 
 

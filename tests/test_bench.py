@@ -1,0 +1,60 @@
+"""jobs.bench at smoke size: every item runs and writes the figures the README table is made of.
+
+Speed targets are not asserted here (a shared CPU is too noisy for that); the bench reports them.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jobs import bench
+
+
+def test_scoring_dedup_and_coldstart_items_write_their_figures(tiny_artifact, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "seed,pipeline,predictor,padding,dedup,coldstart",
+                       "--ledger-nights", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    scoring = result["scoring"]
+    assert set(scoring["rates"]) == {"seed", "pipeline", "predictor"}
+    assert all(r["median"] > 0 and r["min"] <= r["median"] <= r["max"] for r in scoring["rates"].values())
+    assert scoring["baseline"] == "seed" and scoring["ratios"]["seed"] == 1.0
+    assert 0 < scoring["padding_efficiency"]["predictor"] <= 1 and 0 < scoring["padding_efficiency"]["seed"] <= 1
+    dedup = result["dedup"]
+    assert dedup["distinct_texts"] < dedup["rows"] and set(dedup["ratios"]) == {"no_dedup", "dedup_cold", "dedup_warm"}
+    assert result["coldstart"]["seconds"]["prequantized"]["median"] > 0 and result["coldstart"]["ratio"] > 0
+    measured = {t["target"] for t in result["targets"]}
+    assert any(t.startswith("(3) predictor vs (1)") for t in measured) and any(t.startswith("(7)") for t in measured)
+    assert result["machine"]["cpus"] and result["command"].startswith("python -m jobs.bench")
+    printed = capsys.readouterr().out
+    assert "(1) seed's way" in printed and "(3) clf_core Predictor" in printed and "-- targets" in printed
+
+
+def test_gpu_sweep_code_path_runs_on_cpu_without_ray(tmp_path):
+    """The --device cuda code at a tiny size: the same function, and Ray is never imported."""
+    out = tmp_path / "gpu.json"
+    code = ("import sys; from jobs import bench; "
+            f"rc = bench.main(['--items', 'gpu', '--gpu-size', 'tiny', '--smoke', '--out', {str(out)!r}]); "
+            "assert rc == 0; assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    gpu = json.loads(out.read_text())["gpu"]
+    assert [r["batch_size"] for r in gpu["sweep"]] == [4, 8, 4, 8]
+    assert {r["dtype"] for r in gpu["sweep"]} == {"float16", "bfloat16"}
+    assert all(r["rows_per_s"] > 0 for r in gpu["sweep"]) and gpu["flops_per_token"] > 0
+
+
+def test_unknown_item_names_the_flag_and_the_choices():
+    with pytest.raises(SystemExit, match="--items warp: unknown; choose from seed"):
+        bench.main(["--items", "warp"])
+
+
+@pytest.mark.integration
+def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train",
+                       "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["scoring"]["rates"]["label"]["median"] > 0 and result["scoring"]["label_vs_predictor"] > 0
+    assert result["train"]["epoch_seconds"]["ray_train"]["median"] > 0 and result["train"]["ratio"] > 0

@@ -317,3 +317,17 @@ def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
                             json.dumps({"run_id": run_id, "model_version": model_version,
                                         **dataclasses.asdict(summary)}, indent=2).encode())
     return summary
+
+
+def execute(settings: LabelSettings, pl: Plan, model_version: str) -> tuple[int, Summary | None]:
+    """What jobs.label and jobs.backfill do once planned: show the plan, run it unless dry-run,
+    print the summary. Returns (exit status, summary): 0 all committed, 1 any partition failed."""
+    from clf_core.runtime import ensure_ray
+
+    print(describe_plan(pl), flush=True)
+    if settings.dry_run:
+        return 0, None
+    ensure_ray()
+    summary = run(settings, pl, model_version)
+    print(summary.report(), flush=True)
+    return (0 if summary.ok else 1), summary

@@ -92,12 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
         step(f"2/3 label {args.nights} nightly partitions (jobs.label)")
         first = label(model, ledgers, output, args.review_threshold)
-        print(first.report())
 
         step("3/3 the next night: one new partition, scored from the label cache where possible")
         write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights), 1, new_accounts=8, **size)
         second = label(model, ledgers, output, args.review_threshold)
-        print(second.report())
         if not (first.ok and second.ok):
             return 1
 
@@ -121,11 +119,13 @@ def step(title: str) -> None:
 
 def label(model: str, ledgers: str, output: str, review_threshold: float):
     from clf_core.artifact import open_artifact
-    from clf_core.labeling import LabelSettings, plan, run
+    from clf_core.labeling import LabelSettings, execute, plan
 
-    settings = LabelSettings(model=model, input=ledgers, output=output, review_threshold=review_threshold).validate()
+    # Exactly what `python -m jobs.label --model ... --input ... --output ...` runs.
+    settings = LabelSettings(model=model, input=ledgers, output=output, review_threshold=review_threshold,
+                             shuffle_partitions=4).validate()
     version = open_artifact(model).model_version
-    return run(settings, plan(settings, version), version)
+    return execute(settings, plan(settings, version), version)[1]
 
 
 def summarize(local: Path, first, second, seconds: float) -> None:

@@ -34,9 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
-    from clf_core.labeling import describe_plan, plan, run, settings_from_args
+    from clf_core.labeling import execute, plan, settings_from_args
     from clf_core.logs import setup_logging
-    from clf_core.runtime import ensure_ray
 
     setup_logging()
     try:
@@ -46,13 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(describe_plan(todo))
-    if settings.dry_run:
-        return 0
-    ensure_ray()
-    summary = run(settings, todo, model_version)
-    print(summary.report())
-    return 0 if summary.ok else 1
+    return execute(settings, todo, model_version)[0]
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,11 +128,21 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port, dash = free_port(), free_port()
-    started = _ray_cli("start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                       "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}",
-                       "--disable-usage-stats", env=env)
-    assert started.returncode == 0, started.stderr[-2000:]
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    # `--block` keeps the head in the foreground, in a process group of its own: stopping it kills
+    # exactly this cluster (`ray stop` would kill every Ray cluster on the machine, the test
+    # session's own included).
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while _ray_cli("job", "list", "--address", f"http://127.0.0.1:{dash}", env=env).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the head node did not answer within 3 minutes"
+            time.sleep(2)
         data = write_csv(tmp_path, ledger_rows(200, seed=2))
         output = str(tmp_path / "model")
         submitted = _ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
@@ -141,7 +153,12 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
         assert "published to" in submitted.stdout
         assert Predictor.load(output).predict(["Gas"]).labels[0] in ("Expense", "Income")
     finally:
-        _ray_cli("stop", "--force", env=env)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _train_worker_pids() -> list[int]:
@@ -153,7 +170,7 @@ def _train_worker_pids() -> list[int]:
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, tiny_backbone):
     """SIGKILL a Ray Train worker after the first checkpoint: the run restarts the worker group,
     resumes after epoch 1 (not from scratch) and publishes a model trained for all epochs."""
-    data = write_csv(tmp_path, ledger_rows(900, seed=6))
+    data = write_csv(tmp_path, ledger_rows(600, seed=6))
     output = tmp_path / "model"
     checkpoints = tmp_path / "ckpt"
     log_path = tmp_path / "train.log"

@@ -240,19 +240,29 @@ def bench_scoring(settings: BenchSettings, artifact: str, texts: list[str], item
     return result
 
 
+def ray_cores() -> int:
+    """CPUs to reserve for the scoring actor or training worker: every core, so its torch threads
+    match the in-process variant's. A local cluster is started with logical CPUs doubled so Ray
+    Data's read tasks still fit beside it; under an existing cluster (tests) at most half of its
+    CPUs, or the actor would starve those tasks and the pipeline would never finish."""
+    import ray
+
+    from clf_core.runtime import ensure_ray
+
+    cores = os.cpu_count() or 1
+    ensure_ray(num_cpus=2 * cores)
+    return max(1, min(cores, int(ray.cluster_resources().get("CPU", 2)) // 2))
+
+
 def label_job_runner(settings: BenchSettings, artifact: str, texts: list[str], work: Path) -> Callable[[], int]:
     """jobs.label end to end (plan, both Ray Data passes, commit) on one local partition of the rows;
     a fresh output and label cache per run, so every text is scored. The local Ray cluster is
     started once beforehand: its start is not part of a run."""
     import pandas as pd
 
-    from clf_core.runtime import ensure_ray
     from jobs import label
 
-    cores = os.cpu_count() or 1
-    # Logical CPUs doubled: the scoring actor reserves every core (so its torch threads match the
-    # in-process predictor's) and Ray Data's read tasks can still be scheduled beside it.
-    ensure_ray(num_cpus=2 * cores)
+    cores = ray_cores()
     source = work / "ledger" / "dt=2024-01-31"
     source.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"line_id": range(len(texts)), "texts": texts}).to_parquet(source / "part-0.parquet", index=False)
@@ -358,11 +368,9 @@ def bench_train(settings: BenchSettings, backbone: str, work: Path) -> dict:
 
     from clf_core.data import stratified_split
     from clf_core.recipe import train_classifier
-    from clf_core.runtime import ensure_ray
     from jobs.train import train_worker
 
-    cores = os.cpu_count() or 1
-    ensure_ray(num_cpus=2 * cores)
+    cores = ray_cores()
     cfg = tiny_config(backbone, epochs=1)
     split = stratified_split(labeled_rows(settings.train_rows), "label", cfg.train.split, seed=200)
     runs = iter(range(1_000_000))

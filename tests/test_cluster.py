@@ -236,8 +236,10 @@ def test_rayjobs_use_the_same_env_as_runtime_env():
 JOB_RE = re.compile(r"python -m (jobs\.\w+)(.*)")
 
 
-def entrypoints() -> list[tuple[str, str, list[str]]]:
-    """(source, module, argv) for every `python -m jobs.X ...` in cluster/ and the READMEs."""
+def entrypoints(submitted_only: bool = False) -> list[tuple[str, str, list[str]]]:
+    """(source, module, argv) for every `python -m jobs.X ...` in cluster/ and the READMEs;
+    with submitted_only, just those that run on the cluster (RayJobs, `ray job submit` lines),
+    not the laptop examples."""
     found = []
     for name, spec in rayjob_specs():
         m = JOB_RE.search(" ".join(spec["entrypoint"].split()))
@@ -248,7 +250,7 @@ def entrypoints() -> list[tuple[str, str, list[str]]]:
         for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 m = JOB_RE.search(line.split("#")[0])
-                if m:
+                if m and (not submitted_only or "ray job submit" in line):
                     argv = []
                     for tok in shlex.split(m.group(2)):
                         if tok in ("|", "&&", ";", "||", ">", "2>&1"):
@@ -259,6 +261,7 @@ def entrypoints() -> list[tuple[str, str, list[str]]]:
 
 
 ENTRYPOINTS = entrypoints()
+ON_CLUSTER = entrypoints(submitted_only=True)
 
 
 def test_entrypoints_cover_every_job():
@@ -290,7 +293,8 @@ def test_entrypoints_ask_for_the_gpus_the_cluster_has():
     train_max = min(aws["a10g_training"]["max_workers"], groups["a10g-training"]["maxReplicas"])
     train_cpus = min(aws["a10g_training"]["resources"]["CPU"],
                      float(groups["a10g-training"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]))
-    for source, module, argv in ENTRYPOINTS:
+    assert ON_CLUSTER
+    for source, module, argv in ON_CLUSTER:
         args = parse(source, module, argv)
         if module in ("jobs.label", "jobs.backfill"):
             assert args.gpus_per_actor == 1, f"{source}: {module} must run one actor per T4"

@@ -28,7 +28,7 @@ def test_sample_ledgers_read_like_the_seed_and_repeat_across_nights():
     assert len(shared) / first["texts"].nunique() > 0.9
     # bad rows are present
     assert first["texts"].isna().sum() >= 1 and (first["texts"] == "").sum() >= 1
-    assert len(BAD_TEXTS) == sum(1 for t in first["texts"] if t is None or t in BAD_TEXTS)
+    assert len(BAD_TEXTS) == sum(1 for t in first["texts"] if pd.isna(t) or t in BAD_TEXTS)
 
 
 @pytest.mark.integration

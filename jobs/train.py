@@ -243,6 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray()
     checkpoints = args.checkpoints or default_checkpoints(args.output)
     run_name = os.path.basename(args.output.rstrip("/")) or "train"
+    # Checkpoints go through the same fsspec filesystem as everything else we store (s3fs for
+    # s3://): one storage layer, one set of credentials and endpoint rules. Arrow's own S3 client
+    # uploads even tiny marker files as multipart, which some S3-compatible stores reject.
+    storage_fs, storage_path = None, checkpoints
+    if storage.is_remote(checkpoints):
+        import pyarrow.fs as pafs
+
+        fs, storage_path = storage.filesystem(checkpoints)
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                                      resources_per_worker={"CPU": args.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
-            storage_path=checkpoints,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=args.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

@@ -94,7 +94,9 @@ def test_every_flag_reaches_the_config():
 @pytest.mark.integration
 def test_two_workers_train_from_s3_and_publish_to_s3(ray_cluster, s3_bucket, tiny_backbone):
     data_uri = f"{s3_bucket}/labeled/ledger.parquet"
-    ledger_rows(400, seed=1).to_parquet(data_uri)
+    fs, path = storage.filesystem(data_uri)
+    with fs.open(path, "wb") as f:  # through s3fs, as the jobs write
+        ledger_rows(400, seed=1).to_parquet(f)
     output = f"{s3_bucket}/models/v1"
     code = train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone,
                            "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", *TINY_FLAGS])
@@ -145,7 +147,7 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
             time.sleep(2)
         data = write_csv(tmp_path, ledger_rows(200, seed=2))
         output = str(tmp_path / "model")
-        for attempt in range(10):
+        for attempt in range(60):
             submitted = _ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
                                  str(REPO), "--", "python", "-m", "jobs.train", "--data", data, "--output", output,
                                  "--base-model", tiny_backbone, "--epochs", "1", "--cpus-per-worker", "1",

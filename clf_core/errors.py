@@ -15,3 +15,7 @@ class DataError(ClfError):
 
 class ArtifactError(ClfError):
     """A model artifact is missing, incomplete or does not match its manifest."""
+
+
+class CheckpointError(ClfError):
+    """A training checkpoint is incomplete or altered, so it is not restored."""

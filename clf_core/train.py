@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from clf_core.config import TrainConfig
 from clf_core.data import Collator, LabeledTexts
+from clf_core.artifact import sha256_file
+from clf_core.errors import CheckpointError
 from clf_core.metrics import classification_metrics
 from clf_core.model import load_trainable_state, trainable_state
 
@@ -233,16 +235,16 @@ class Trainer:
             "train_state": asdict(self.state),
             "optimizer": opt_meta,
             "scheduler": self.scheduler.state_dict(),
+            "files": {name: sha256_file(directory / name) for name in CHECKPOINT_TENSOR_FILES},
         }
-        # Written last: a checkpoint directory without state.json is incomplete and never restored.
+        # Written last, and it names every other file's hash: a checkpoint without state.json, or
+        # with a file cut short or changed after it was written, is never restored.
         (directory / "state.json").write_text(json.dumps(meta))
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> None:
         directory = Path(directory)
-        if not (directory / "state.json").exists():
-            raise FileNotFoundError(f"{directory} holds no state.json: an incomplete checkpoint")
-        meta = json.loads((directory / "state.json").read_text())
+        meta = read_checkpoint_state(directory)
         load_trainable_state(self.model, load_file(directory / "weights.safetensors"))
         self.best_weights = load_file(directory / "best_weights.safetensors")
         self.optimizer.load_state_dict(
@@ -250,6 +252,30 @@ class Trainer:
         )
         self.scheduler.load_state_dict(meta["scheduler"])
         self.state = TrainState(**meta["train_state"])
+
+
+CHECKPOINT_TENSOR_FILES = ("weights.safetensors", "best_weights.safetensors", "optimizer.safetensors")
+
+
+def read_checkpoint_state(directory: Path) -> dict:
+    """state.json of a complete checkpoint whose files are exactly those it recorded."""
+    state_path = directory / "state.json"
+    if not state_path.exists():
+        raise CheckpointError(f"{directory} holds no state.json: an incomplete checkpoint, not restored")
+    try:
+        meta = json.loads(state_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{state_path} is not valid JSON ({exc}): a half-written checkpoint, not restored") from exc
+    for name, expected in meta.get("files", {}).items():
+        path = directory / name
+        actual = sha256_file(path) if path.exists() else "missing"
+        if actual != expected:
+            raise CheckpointError(
+                f"checkpoint file {path} is {'missing' if actual == 'missing' else 'not the file written'} "
+                f"(sha256 {actual[:12]}, recorded {expected[:12]}): a half-written or altered checkpoint, "
+                f"not restored. Resume from an earlier checkpoint or start the run again."
+            )
+    return meta
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -182,6 +182,29 @@ def test_checkpoint_resume_continues_where_it_stopped(tiny_config, tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("damage", ["truncate weights", "drop optimizer", "half-written state.json", "no state.json"])
+def test_a_half_written_or_altered_checkpoint_is_never_restored(trained, tmp_path, damage):
+    from clf_core.errors import CheckpointError
+
+    trainer = trained[0].trainer
+    ckpt = trainer.save_checkpoint(tmp_path / "ckpt")
+    before = {k: v.clone() for k, v in trainer.best_weights.items()}
+    if damage == "truncate weights":
+        data = (ckpt / "weights.safetensors").read_bytes()
+        (ckpt / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "drop optimizer":
+        (ckpt / "optimizer.safetensors").unlink()
+    elif damage == "half-written state.json":
+        text = (ckpt / "state.json").read_text()
+        (ckpt / "state.json").write_text(text[: len(text) // 2])
+    else:
+        (ckpt / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="not restored"):
+        trainer.load_checkpoint(ckpt)
+    # nothing of the damaged checkpoint reached the trainer
+    assert all(torch.equal(before[k], trainer.best_weights[k]) for k in before)
+
+
 def test_multiclass_five_account_types_train_and_score(tiny_backbone):
     from clf_core.data import read_table, sample_data_path
 

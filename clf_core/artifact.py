@@ -60,6 +60,8 @@ def compute_model_version(manifest: dict) -> str:
         "quantization": manifest["quantization"],
         "lora": manifest["lora"],
     }
+    if "pooling" in manifest:  # absent from artifacts written before the setting existed
+        identity["pooling"] = manifest["pooling"]
     blob = json.dumps(identity, sort_keys=True).encode()
     return "v" + hashlib.sha256(blob).hexdigest()[:12]
 
@@ -86,6 +88,7 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
         "text_column": cfg.data.text_column,
         "max_tokens": cfg.model.max_tokens,
         "quantization": {"method": cfg.model.quantization, "double_quant": cfg.model.double_quant},
+        "pooling": cfg.model.pooling,
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                  "target_modules": list(cfg.lora.target_modules)},
         "config": cfg.to_dict(),
@@ -139,7 +142,10 @@ class Artifact:
         return self.manifest["labels"]
 
     def config(self) -> ClassifierConfig:
-        return ClassifierConfig.from_dict(self.manifest["config"])
+        values = json.loads(json.dumps(self.manifest["config"]))
+        # Artifacts written before model.pooling existed used the architecture's own pooling.
+        values.setdefault("model", {}).setdefault("pooling", "native")
+        return ClassifierConfig.from_dict(values)
 
     def adapter_state(self) -> dict:
         return load_file(self.path / ADAPTER)

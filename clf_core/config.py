@@ -31,6 +31,7 @@ COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTS = ("balanced", "none")
 SELECT_METRICS = ("val_macro_f1", "val_loss")
+POOLINGS = ("auto", "mean", "native")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -64,6 +65,14 @@ class ModelConfig:
     gradient_checkpointing: bool = _help(
         "Recompute activations in backward to save memory (needed for 7B on a 16 GB GPU).",
         default=False,
+    )
+    pooling: str = _help(
+        "How a text becomes one vector for the head. 'native' = the architecture's own rule "
+        "(decoders such as Mistral: the last real token; BERT: the [CLS] pooler); 'mean' = the "
+        "mean of the real tokens' last hidden states (how sentence encoders such as all-MiniLM "
+        "were trained; BERT-family encoders only); 'auto' = mean for BERT-family encoders, "
+        "native otherwise. Artifacts record the resolved choice.",
+        default="auto",
     )
 
 
@@ -197,6 +206,8 @@ class ClassifierConfig:
             bad("model.compute_dtype", f"allowed: {', '.join(COMPUTE_DTYPES)}")
         if m.device not in DEVICES:
             bad("model.device", f"allowed: {', '.join(DEVICES)}")
+        if m.pooling not in POOLINGS:
+            bad("model.pooling", f"allowed: {', '.join(POOLINGS)}")
         if m.max_tokens < 4:
             bad("model.max_tokens", "must be at least 4 (ledger lines are ~20-25 tokens)")
         if lo.r < 1:

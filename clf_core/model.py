@@ -36,6 +36,9 @@ QKV_TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj"],
     "bert": ["query", "key", "value"],
 }
+# Encoders whose sequence-classification head reads the pooler's output (BERT and its kin, the
+# MiniLM default included): a mean-pooling module can stand in for their [CLS] pooler.
+MEAN_POOLING_TYPES = ("bert",)
 # Heads created fresh for classification; kept out of 4-bit quantization (bitsandbytes cannot
 # train a 4-bit head, and quantizing a 1-2 row matrix saves nothing) and saved with the adapter.
 HEAD_MODULES = ["score", "classifier"]
@@ -193,6 +196,53 @@ def quantization_config(cfg: ModelConfig, hw: Hardware):
     )
 
 
+def resolve_pooling(pooling: str, model_type: str) -> str:
+    """'auto' -> 'mean' for BERT-family encoders, 'native' otherwise; refuse what cannot work."""
+    if pooling == "auto":
+        return "mean" if model_type in MEAN_POOLING_TYPES else "native"
+    if pooling == "mean" and model_type not in MEAN_POOLING_TYPES:
+        raise ConfigError(
+            f"model.pooling = 'mean', but {model_type!r} models pool inside their own head "
+            f"(decoders read the last real token). Use 'native' or 'auto'."
+        )
+    return pooling
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Stands in for BERT's [CLS] pooler: the mean of the real (unpadded) tokens' hidden states.
+
+    all-MiniLM-L6-v2 was trained as a sentence encoder through exactly this mean; its [CLS]
+    pooler (dense + tanh) was never trained for anything this task can use. On the real charts of
+    accounts, mean pooling raised held-out macro-F1 by about 2 points (see README). The
+    attention mask reaches it through a pre-hook on the encoder, because a BERT pooler is called
+    with the hidden states alone. Padding never changes the result: pads are masked out.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is None:
+            return hidden_states.mean(dim=1)
+        mask = self.attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def use_mean_pooling(model) -> None:
+    encoder = model.base_model  # BertModel inside BertForSequenceClassification
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def remember_mask(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.attention_mask = mask
+
+    encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
+
+
 def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
     """The backbone with a fresh N-class head, 4-bit when configured, on exactly hw.device.
 
@@ -215,6 +265,8 @@ def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
             dtype=hw.compute_dtype,  # of the parts left unquantized: embeddings, norms, head
             device_map={"": hw.device},
         )
+    if resolve_pooling(cfg.model.pooling, model.config.model_type) == "mean":
+        use_mean_pooling(model)
     if cfg.model.quantization != "none":
         # A pre-quantized base loads with the compute dtype it was saved with; the hardware
         # decides it here, as for a base quantized on load.

@@ -20,7 +20,7 @@ from clf_core.artifact import save_artifact
 from clf_core.config import ClassifierConfig
 from clf_core.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
 from clf_core.model import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
-                            resolve_backbone, resolve_hardware, trainable_state)
+                            resolve_backbone, resolve_pooling, resolve_hardware, trainable_state)
 from clf_core.predict import Predictor
 from clf_core.train import EpochMetrics, Trainer, class_weights, evaluate, make_loader, seed_everything
 
@@ -79,7 +79,10 @@ class TrainRun:
         p = self.prepared
         notes = {"parameters": describe_parameters(p.model), "tokens": self.token_report,
                  "history": self.trainer.state.history, "best_epoch": self.trainer.state.best_epoch}
-        return save_artifact(directory, adapter_state=trainable_state(p.model), tokenizer=p.tokenizer, cfg=p.cfg,
+        # The manifest records the pooling actually used, not 'auto'.
+        cfg = ClassifierConfig.from_dict(p.cfg.to_dict())
+        cfg.model.pooling = resolve_pooling(cfg.model.pooling, p.model.config.model_type)
+        return save_artifact(directory, adapter_state=trainable_state(p.model), tokenizer=p.tokenizer, cfg=cfg,
                              backbone=p.backbone, metrics=metrics, extra_files=extra_files, notes=notes)
 
 

@@ -9,6 +9,7 @@ from clf_core.errors import ConfigError
 @pytest.mark.parametrize("field,value,expected", [
     ("model.quantization", "int3", "allowed: nf4, none"),
     ("model.compute_dtype", "float8", "allowed: auto, float32, float16, bfloat16"),
+    ("model.pooling", "cls", "allowed: auto, mean, native"),
     ("model.device", "tpu", "allowed: auto, cpu, cuda"),
     ("model.backbone", " ", "hub id, a local directory or an s3:// URI"),
     ("model.max_tokens", 2, "at least 4"),

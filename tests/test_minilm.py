@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
+from clf_core.artifact import Artifact, open_artifact
 from clf_core.config import DEFAULT_BACKBONE, ClassifierConfig
 from clf_core.data import read_table, sample_data_path, stratified_split
-from clf_core.model import resolve_backbone
+from clf_core.errors import ConfigError
+from clf_core.model import (MaskedMeanPooler, build_classifier, load_tokenizer, resolve_backbone,
+                            resolve_hardware)
+from clf_core.predict import Predictor
 from clf_core.recipe import train_classifier
 
 
@@ -16,6 +23,41 @@ def test_default_backbone_resolves_offline_to_the_packaged_copy():
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     path = resolve_backbone(DEFAULT_BACKBONE)
     assert os.path.isfile(os.path.join(path, "model.safetensors"))
+
+
+def _untrained_minilm(pooling: str = "auto") -> Predictor:
+    cfg = ClassifierConfig.load(overrides={"model.pooling": pooling})
+    source = resolve_backbone(cfg.model.backbone)
+    tokenizer = load_tokenizer(source, cfg.model.max_tokens)
+    model = build_classifier(cfg, source, tokenizer, resolve_hardware(cfg.model), for_training=False)
+    return Predictor(model, tokenizer, cfg.data.labels, cfg.model.max_tokens, "cpu", batch_size=4)
+
+
+def test_minilm_pools_the_mean_of_real_tokens_and_padding_never_changes_it():
+    predictor = _untrained_minilm()
+    assert isinstance(predictor.model.base_model.model.bert.pooler, MaskedMeanPooler)
+    texts = ["Gas", "Less: Gas Gas - Vacancy", "Plus: Misc. Other Income Deposit Fee",
+             "Gross Potential Rent Potential Rent", "Rent", "Operating Expenses Occupancy Expenses Property Taxes"]
+    batched = predictor.predict(texts)
+    alone = np.concatenate([predictor.predict([t]).probabilities for t in texts])
+    np.testing.assert_allclose(batched.probabilities, alone, atol=1e-4)
+    # the [CLS] pooler gives other numbers: the setting really switches the pooling
+    native = _untrained_minilm("native")
+    assert not isinstance(native.model.base_model.model.bert.pooler, MaskedMeanPooler)
+
+
+def test_mean_pooling_is_refused_for_a_decoder(tiny_backbone):
+    cfg = ClassifierConfig.load(overrides={"model.backbone": tiny_backbone, "model.pooling": "mean"})
+    tokenizer = load_tokenizer(tiny_backbone, 16)
+    with pytest.raises(ConfigError, match="model.pooling = 'mean'.*'mistral'.*Use 'native' or 'auto'"):
+        build_classifier(cfg, tiny_backbone, tokenizer, resolve_hardware(cfg.model))
+
+
+def test_an_artifact_from_before_the_pooling_setting_loads_with_native_pooling(tiny_artifact):
+    manifest = json.loads(json.dumps(open_artifact(tiny_artifact).manifest))
+    manifest.pop("pooling", None)
+    manifest["config"]["model"].pop("pooling")
+    assert Artifact(open_artifact(tiny_artifact).path, manifest).config().model.pooling == "native"
 
 
 @pytest.mark.slow

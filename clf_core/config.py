@@ -82,8 +82,9 @@ class LoraSettings:
     alpha: int = _help("LoRA scaling alpha (the seed used 64).", default=64)
     dropout: float = _help("Dropout on the LoRA input (the seed used 0.01).", default=0.01)
     target_modules: list[str] = _help(
-        "Module names to adapt. Empty = the attention q/k/v projections of the backbone's "
-        "architecture (q_proj/k_proj/v_proj for Mistral, query/key/value for BERT).",
+        "Module names to adapt. Empty = the architecture's default: the attention q/k/v "
+        "projections for decoders (q_proj/k_proj/v_proj for Mistral, as in the seed); "
+        "query/key/value plus the dense layers for BERT-family encoders such as MiniLM.",
         default_factory=list,
     )
 
@@ -104,7 +105,7 @@ class TrainConfig:
     # recipe for 7B (lr 1e-4, batch 25, 4 epochs).
     epochs: int = _help("Maximum number of passes over the training split.", default=6)
     batch_size: int = _help("Rows per optimizer step (per worker under Ray Train).", default=16)
-    lr: float = _help("AdamW peak learning rate.", default=1e-3)
+    lr: float = _help("AdamW peak learning rate.", default=3e-4)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     adam_eps: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Clip the gradient norm to this value (0 = off).", default=1.0)

@@ -28,13 +28,16 @@ from clf_core.storage import is_remote, local_copy
 
 log = logging.getLogger(__name__)
 
-# q/k/v attention projections per architecture (the seed adapted q/k/v of Mistral). PEFT's own
-# default mapping adapts only q and v, so we name all three explicitly.
-QKV_TARGETS = {
+# Default LoRA targets per architecture. Decoders: the q/k/v attention projections, as the seed
+# adapted Mistral-7B (PEFT's own default mapping adapts only q and v, so all three are named).
+# BERT-family encoders: q/k/v plus every `dense` layer (attention output and feed-forward). The
+# 22M-parameter MiniLM default has too little capacity in q/k/v alone: on the real charts of
+# accounts, adding `dense` raised held-out macro-F1 by 2 points at 1.3M trainable parameters.
+DEFAULT_LORA_TARGETS = {
     "mistral": ["q_proj", "k_proj", "v_proj"],
     "llama": ["q_proj", "k_proj", "v_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj"],
-    "bert": ["query", "key", "value"],
+    "bert": ["query", "key", "value", "dense"],
 }
 # Encoders whose sequence-classification head reads the pooler's output (BERT and its kin, the
 # MiniLM default included): a mean-pooling module can stand in for their [CLS] pooler.
@@ -169,8 +172,8 @@ def load_tokenizer(source: str, max_tokens: int):
 def lora_targets(model_type: str, configured: list[str]) -> list[str]:
     if configured:
         return list(configured)
-    if model_type in QKV_TARGETS:
-        return QKV_TARGETS[model_type]
+    if model_type in DEFAULT_LORA_TARGETS:
+        return DEFAULT_LORA_TARGETS[model_type]
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
 
     if model_type in peft_defaults:

@@ -6,7 +6,10 @@ Silenced deliberately, one by one (anything else still shows):
 - PEFT / bitsandbytes / torch.utils.checkpoint UserWarnings that fire on every QLoRA model build
   and say nothing the user can act on;
 - the tokenizers fork warning (we tokenize in the main process only);
-- Ray Data's per-pipeline INFO lines (execution plans), replaced by our own progress lines.
+- Ray Data's per-pipeline INFO lines (execution plans), replaced by our own progress lines;
+- Ray Train's two INFO lines per epoch in each worker ("Checkpoint successfully created at",
+  "Reporting training result N: TrainingReport(...)"): our epoch line says the same in one line.
+  Only those two loggers: restarts and failures (the controller's) still show.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ def quiet_libraries() -> None:
     # Ray Data prints its execution plan and "dataset finished" lines for every pipeline; our
     # jobs log their own progress (partitions done, rows/s) instead.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -142,6 +142,7 @@ def plan(settings: LabelSettings, model_version: str, start: date | None = None,
     (which makes an interrupted backfill resumable: what it finished is skipped on the re-run)."""
     found = parts.discover(settings.input, settings.partition_key)
     todo, skipped, failed = [], [], {}
+    run_schema = None  # all planned files are read as one dataset: their column types must agree
     for p in found:
         if start or end:
             if not DATE.match(p.value):
@@ -155,9 +156,19 @@ def plan(settings: LabelSettings, model_version: str, start: date | None = None,
                 skipped.append(p.name)
                 continue
         parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,))
+        if not p.problem:
+            for uri, schema in p.schemas.items():
+                conflict = parts.schema_conflict(run_schema, schema)
+                if conflict:
+                    p.problem = (f"{uri} does not match the partitions planned before it in this run "
+                                 f"(first: {todo[0].files[0]}): {conflict}. A run reads all its partitions "
+                                 f"as one dataset; once they are committed, a re-run labels {p.name} on its own.")
+                    break
         if p.problem:
             failed[p.name] = p.problem
         else:
+            for schema in p.schemas.values():
+                run_schema = parts.merge_schemas(run_schema, schema)
             todo.append(p)
     return Plan(todo, skipped, failed)
 
@@ -186,10 +197,11 @@ class Summary:
     scored: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
+    run_record_error: str = ""  # the audit record under <output>/_runs could not be written
 
     @property
     def ok(self) -> bool:
-        return not self.partitions_failed
+        return not self.partitions_failed and not self.run_record_error
 
     def report(self) -> str:
         lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
@@ -198,6 +210,8 @@ class Summary:
                  f"cache hits {self.cache_hits} | {self.seconds:.1f}s "
                  f"({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
+        if self.run_record_error:
+            lines.append(f"  FAILED {self.run_record_error}")
         return "\n".join(lines)
 
 
@@ -288,6 +302,25 @@ def _commit(settings, partition, written, info, summary) -> None:
     summary.error_rows += manifest["error_rows"]
 
 
+_CHAINED = re.compile(r"\n\s*(?:The above exception was the direct cause of the following exception:|"
+                      r"During handling of the above exception, another exception occurred:)\s*\n")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why: for an error raised in a Ray task, the task's own exception (e.g.
+    `OSError: ... Please reduce your request rate.`), not the wrapper Ray adds last, whose last
+    line is only a hint about Ray Data's retry settings. Ray passes that chain on as text."""
+    text = _ANSI.sub("", str(exc)).strip()
+    parts = _CHAINED.split(text)
+    if len(parts) > 1:  # "<task's exception>  The above exception was the direct cause ...  <Ray's wrapper>"
+        lines = [line for line in parts[-2].splitlines() if line.strip()]
+        if lines:
+            return lines[-1].strip()[:500]
+    last = text.splitlines()[-1] if text else ""
+    return f"{type(exc).__name__}: {last.strip()[:500]}"
+
+
 def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
     """Both passes over the planned partitions. Failures are reported in the summary; a failure
     of the whole pipeline (e.g. a file corrupt past its footer) fails every uncommitted partition."""
@@ -306,16 +339,20 @@ def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
             score_distinct_texts(settings, pl.todo, run_id, summary)
             label_and_commit(settings, pl.todo, model_version, run_id, summary, started)
         except Exception as exc:  # the pipeline died: every partition not yet committed failed
-            why = f"the labeling pipeline failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
+            why = f"the labeling pipeline failed: {failure_reason(exc)}"
             log.error(why)
             for p in pl.todo:
                 if p.name not in summary.partitions_committed:
                     summary.partitions_failed.setdefault(p.name, why)
     summary.seconds = time.monotonic() - started
     if pl.todo:  # an audit trail of what each run did, next to the output it describes
-        storage.write_bytes(storage.join(settings.output, "_runs", f"{run_id}.json"),
-                            json.dumps({"run_id": run_id, "model_version": model_version,
-                                        **dataclasses.asdict(summary)}, indent=2).encode())
+        record = storage.join(settings.output, "_runs", f"{run_id}.json")
+        try:
+            storage.write_bytes(record, json.dumps({"run_id": run_id, "model_version": model_version,
+                                                    **dataclasses.asdict(summary)}, indent=2).encode())
+        except Exception as exc:  # e.g. S3 refusing writes past the retries: still report what happened
+            summary.run_record_error = f"could not write the run record {record}: {type(exc).__name__}: {exc}"
+            log.error(summary.run_record_error)
     return summary
 
 

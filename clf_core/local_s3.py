@@ -27,19 +27,23 @@ def free_port() -> int:
 
 
 class LocalS3:
-    def __init__(self, port: int | None = None, log_path: str | Path | None = None):
+    def __init__(self, port: int | None = None, log_path: str | Path | None = None,
+                 access_key_id: str = "local-test-key", secret_access_key: str = "local-test-secret"):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        # Dummy keys: moto accepts any; real keys must never be needed (or leak) here. Tests pass
+        # realistic-looking fake ones, to prove that no output or log ever holds them.
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
         self.process: subprocess.Popen | None = None
 
     @property
     def env(self) -> dict[str, str]:
-        # Dummy keys: moto accepts any; real keys must never be needed (or leak) here.
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "local-test-key",
-            "AWS_SECRET_ACCESS_KEY": "local-test-secret",
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_REGION": "us-east-1",
         }

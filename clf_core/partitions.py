@@ -53,6 +53,7 @@ class Partition:
     files: list[str] = field(default_factory=list)  # input files, full URIs
     rows: int = 0                               # input rows, from the Parquet footers
     problem: str | None = None                  # why it cannot be labeled (names the file)
+    schemas: dict[str, pa.Schema] = field(default_factory=dict, repr=False)  # input file -> its Arrow schema
 
 
 def _uri(base: str, path: str) -> str:
@@ -83,19 +84,43 @@ def discover(input_uri: str, key: str = "dt") -> list[Partition]:
     return sorted(partitions, key=lambda p: p.value)
 
 
+def merge_schemas(merged: pa.Schema | None, schema: pa.Schema) -> pa.Schema:
+    """The schema Ray Data reads files of these two schemas as (one dataset: a column missing
+    from a file is null there; types are promoted permissively, e.g. int32 -> int64). Raises
+    pyarrow.ArrowTypeError / ArrowInvalid where no type fits both, e.g. string vs int64."""
+    if merged is None:
+        return schema
+    return pa.unify_schemas([merged, schema], promote_options="permissive")
+
+
+def schema_conflict(merged: pa.Schema | None, schema: pa.Schema) -> str | None:
+    """Why files of `schema` cannot be read in one dataset with files of `merged` (None: they can)."""
+    try:
+        merge_schemas(merged, schema)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:
+        return str(exc).strip().splitlines()[-1]
+    return None
+
+
 def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -> Partition:
     """Read each file's footer (metadata only): row counts, and the schema checks that would
-    otherwise fail mid-run. A problem names the file and the fix."""
+    otherwise fail mid-run. A problem names the file and the fix.
+
+    Files may differ in columns (a missing column reads as null) but not in a column's type:
+    Ray Data merges the schemas of all the files it reads and fails the whole run, naming no
+    file, on e.g. `texts` string in one file and int64 in another."""
     if not partition.files:
         partition.problem = f"{partition.name} holds no .parquet files"
         return partition
     rows = 0
+    merged = None
     for uri in partition.files:
         fs, path = storage.filesystem(uri)
         try:
             with fs.open(path, "rb") as f:
                 meta = pq.ParquetFile(f).metadata
-                names = meta.schema.to_arrow_schema().names
+                schema = meta.schema.to_arrow_schema().remove_metadata()
+                names = schema.names
         except Exception as exc:  # truncated, not Parquet, unreadable: the partition fails, others go on
             partition.problem = f"cannot read {uri}: {type(exc).__name__}: {exc}"
             return partition
@@ -108,6 +133,14 @@ def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -
             partition.problem = (f"{uri} already has column(s) {clash}, which labeling adds; refusing to "
                                  f"overwrite them. Rename or drop them in the input.")
             return partition
+        conflict = schema_conflict(merged, schema)
+        if conflict:
+            partition.problem = (f"{uri} does not match the other files of {partition.name} "
+                                 f"(first: {partition.files[0]}): {conflict}. Every file of a partition "
+                                 f"must give each column the same type; rewrite this file with them.")
+            return partition
+        merged = merge_schemas(merged, schema)
+        partition.schemas[uri] = schema
         rows += meta.num_rows
     partition.rows = rows
     return partition

@@ -3,6 +3,12 @@
 Credentials and endpoints come from the standard AWS environment (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, instance profiles), so the same command runs against
 AWS S3, MinIO or a local endpoint; nothing here takes an endpoint flag.
+
+Retries are the libraries' defaults, on purpose (tests/test_faults.py measures them against a
+proxy failing 20% of requests): botocore (legacy mode, 5 attempts, exponential backoff) retries
+503/5xx and connection errors and timeouts; around each call s3fs tries 5 times more on
+"SlowDown" and connection errors. Ray Data's Parquet reads (pyarrow's S3) are retried by Ray on
+503/SlowDown. The standard AWS_MAX_ATTEMPTS / AWS_RETRY_MODE variables change botocore's budget.
 """
 
 from __future__ import annotations

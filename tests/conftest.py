@@ -56,16 +56,30 @@ def tiny_config(tiny_backbone) -> ClassifierConfig:
     })
 
 
+def fake_aws_keys() -> tuple[str, str]:
+    """Fake credentials shaped like real ones (moto accepts any): an AKIA key id marked FAKE and a
+    random 40-character secret, made at run time so no key-looking string sits in a file.
+    tests/test_faults.py proves the secret never reaches an output, a log or Ray's session files."""
+    import secrets
+    import string
+
+    upper, alphabet = string.ascii_uppercase + string.digits, string.ascii_letters + string.digits + "/+"
+    key_id = "AKIAFAKE" + "".join(secrets.choice(upper) for _ in range(12))
+    return key_id, "".join(secrets.choice(alphabet) for _ in range(40))
+
+
 @pytest.fixture(scope="session")
 def local_s3(tmp_path_factory):
     """A real S3 endpoint (moto_server) on a free loopback port, for the whole session.
 
     The standard AWS variables point s3fs/pyarrow/boto3 at it; they are set before any Ray
-    cluster starts so Ray workers inherit them.
+    cluster starts so Ray workers inherit them, fake keys included (as a node's credentials).
     """
     from clf_core.local_s3 import LocalS3, apply_env, restore_env
 
-    s3 = LocalS3(log_path=tmp_path_factory.mktemp("moto") / "moto.log").start()
+    key_id, secret = fake_aws_keys()
+    s3 = LocalS3(log_path=tmp_path_factory.mktemp("moto") / "moto.log", access_key_id=key_id,
+                 secret_access_key=secret).start()
     previous = apply_env(s3.env)
     yield s3
     restore_env(previous)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import unicodedata
 
 import pandas as pd
 import pyarrow as pa
@@ -49,6 +50,12 @@ def check_text(value, max_chars: int) -> tuple[str | None, str | None]:
         return None, "text is only whitespace"
     if len(value) > max_chars:
         return None, f"text is {len(value)} characters long, over the limit of {max_chars} (--max-text-chars)"
+    # Control characters (NUL, BEL, ESC, ...) do not occur in a ledger line typed by a person:
+    # they mean a broken export, so the row goes to review instead of getting a confident label.
+    # Tabs and line breaks are whitespace; other scripts and symbols are ordinary text.
+    control = next((c for c in value if c not in "\t\n\r" and unicodedata.category(c) == "Cc"), None)
+    if control is not None:
+        return None, f"text contains the control character U+{ord(control):04X} (a broken export?)"
     return value, None
 
 

@@ -104,6 +104,8 @@ def job_args(model, input_, output, *extra):
 @pytest.mark.parametrize("value, why", [
     (None, "null"), (float("nan"), "null"), ("", "empty"), ("  \t", "whitespace"), (42, "not a string (int)"),
     (b"\xff\xfeRent", "not valid UTF-8"), ("x" * 51, "over the limit of 50"),
+    ("x" * 100_000, "100000 characters long"), ("Rent\x00", "control character U+0000"),
+    ("Less:\x1b[31m Gas", "control character U+001B"), ([1, 2], "not a string (list)"),
 ])
 def test_bad_texts_get_a_reason(value, why):
     text, error = check_text(value, max_chars=50)
@@ -113,6 +115,9 @@ def test_bad_texts_get_a_reason(value, why):
 def test_good_texts_pass_unchanged():
     assert check_text("Less: Repairs", 50) == ("Less: Repairs", None)
     assert check_text("Rent".encode(), 50) == ("Rent", None)
+    # other scripts, symbols and whitespace are ordinary text
+    for text in ("Аренда / Rent 租金", "Loyer – Café Ω", "Rent\tUnit 4", "Plus: 13th Month Pay (€)"):
+        assert check_text(text, 50) == (text, None)
 
 
 def test_scorer_scores_each_text_once_then_serves_it_from_the_cache(tiny_artifact, tmp_path):

@@ -306,7 +306,13 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     job.join(timeout=300)
     assert killed, "the scoring actor finished before it could be killed; the test proved nothing"
     assert result["rc"] == 0
-    assert_exactly_once(out, pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True))
+    out_rows = assert_exactly_once(out, pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True))
+    # the labels are a clean run's: the same model scoring the same texts with no fault
+    from clf_core.predict import Predictor
+
+    clean = Predictor.load(tiny_artifact).predict(out_rows["texts"].tolist())
+    assert out_rows["label"].tolist() == clean.labels
+    assert out_rows["confidence"].to_numpy() == pytest.approx(clean.confidence, abs=1e-4)
 
 
 @pytest.mark.integration

@@ -56,5 +56,10 @@ def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_
     assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train",
                        "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["scoring"]["rates"]["label"]["median"] > 0 and result["scoring"]["label_vs_predictor"] > 0
+    scoring = result["scoring"]
+    assert scoring["rates"]["label"]["median"] > 0 and scoring["label_vs_predictor"] > 0
+    # the second, larger ledger (smoke: twice the rows, every line distinct) beside the predictor on it
+    assert scoring["large_rows"] == 2 * scoring["rows"]
+    assert scoring["rates"]["label_large"]["median"] > 0 and scoring["label_large_vs_predictor_large"] > 0
+    assert "label_per_row" in scoring
     assert result["train"]["epoch_seconds"]["ray_train"]["median"] > 0 and result["train"]["ratio"] > 0

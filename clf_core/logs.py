@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 KNOWN_NOISY_WARNINGS = [
@@ -50,6 +51,11 @@ def quiet_libraries() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
         logging.getLogger(name).setLevel(logging.WARNING)
+        # Ray Train's context module names its logger by file path, not module name; its
+        # per-report line repeats every metric of our own epoch line.
+        module = sys.modules.get(name)
+        if module is not None:
+            logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_ray()
         step("1/3 train the classifier (jobs.train)")
-        train_args = ["--data", labeled, "--output", model, "--text-column", "text", "--label-column", "label",
+        train_args = ["--data", labeled, "--output", model, "--text-column", "full_path", "--label-column", "label",
                       "--cpus-per-worker", "1"]
         if args.smoke:
             from clf_core.tiny import build_tiny_mistral

@@ -2,7 +2,7 @@
 
 Run as (local Ray is started for you; small offline backbone, a few minutes on a laptop):
 
-    python -m jobs.train --data clf_core/sample_data/coa_income_expense.csv --text-column text \\
+    python -m jobs.train --data clf_core/sample_data/coa_income_expense.csv --text-column full_path \\
         --output runs/models/income-expense-v1
 
 On a cluster (Mistral-7B on GPU workers, data and artifact in S3):

@@ -63,3 +63,16 @@ def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_
     assert scoring["rates"]["label_large"]["median"] > 0 and scoring["label_large_vs_predictor_large"] > 0
     assert "label_per_row" in scoring
     assert result["train"]["epoch_seconds"]["ray_train"]["median"] > 0 and result["train"]["ratio"] > 0
+
+
+def test_two_ledger_sizes_split_the_label_job_into_per_run_and_per_row_cost():
+    # 100 rows in 10 s and 1,100 rows in 20 s: 1,000 extra rows in 10 extra s = 100 rows/s per
+    # row, and 9 s of each run that no row explains.
+    split = bench.per_run_and_per_row(100, [10.0, 10.0], 1100, [55.0, 55.0], [200.0])
+    assert split["per_row_rows_per_s"]["median"] == pytest.approx(100.0)
+    assert split["per_run_seconds"]["median"] == pytest.approx(9.0)
+    assert split["per_row_vs_predictor"] == pytest.approx(0.5)
+    # a round where the large ledger was no slower separates nothing
+    assert bench.per_run_and_per_row(100, [10.0], 1100, [200.0], [200.0]) is None
+    assert bench.nightly_ledger(["Rent", "Gas"], 2) == ["Rent - Property 000", "Gas - Property 000",
+                                                        "Rent - Property 001", "Gas - Property 001"]

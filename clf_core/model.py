@@ -276,6 +276,14 @@ def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
         for module in model.modules():
             if hasattr(module, "compute_dtype") and hasattr(module.weight, "quant_state"):
                 module.compute_dtype = hw.compute_dtype
+                # bitsandbytes >= 0.50 repacks 4-bit weights into a bf16 AVX-512 layout at the
+                # first eval forward on CPUs with AVX512_BF16, and never unpacks them for training:
+                # training after a validation pass then fails ("a view of a leaf Variable ... in-place")
+                # or runs on the packed weights, and scores move by ~2e-3 with the CPU model. One
+                # kernel on every CPU keeps train, eval and a reloaded artifact bit-for-bit alike;
+                # GPUs never take this path.
+                if getattr(module, "support_avx512bf16_for_cpu", False):
+                    module.support_avx512bf16_for_cpu = False
     return model
 
 

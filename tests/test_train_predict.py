@@ -58,6 +58,15 @@ def test_save_then_load_gives_identical_predictions(trained):
     assert loaded.model_version == manifest["model_version"]
     assert after.labels == before.labels
     np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-5)
+    # Neither model, having scored, may have repacked its 4-bit weights into bitsandbytes'
+    # eval-only AVX512-BF16 CPU layout, which scores differently and which training cannot use
+    # (clf_core.model.load_base turns it off; a CPU without AVX512_BF16 never takes it).
+    import bitsandbytes as bnb
+
+    for model in (run.predictor().model, loaded.model):
+        quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert quantized and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                                     for m in quantized)
 
 
 def test_manifest_describes_the_model(trained):

@@ -63,7 +63,7 @@ def test_save_then_load_gives_identical_predictions(trained):
     # (clf_core.model.load_base turns it off; a CPU without AVX512_BF16 never takes it).
     import bitsandbytes as bnb
 
-    for model in (run.predictor().model, loaded.model):
+    for model in (run.prepared.model, loaded.model):
         quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert quantized and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                                      for m in quantized)

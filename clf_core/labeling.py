@@ -16,9 +16,12 @@ The driver only ever receives per-batch counts and per-file records, never rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
+import os
 import re
 import time
 import uuid
@@ -52,7 +55,12 @@ class LabelSettings:
     cpus_per_actor: float = _help("CPUs reserved per actor. Keep the total below the cluster's CPUs so "
                                   "Ray Data's read tasks are never starved.", default=0.5)
     gpus_per_actor: float = _help("GPUs per scoring actor: 1 on a T4 node, 0 on CPU.", default=0.0)
-    batch_size: int = _help("Rows per model forward pass and per scoring call.", default=64)
+    batch_size: int = _help("Texts per model forward pass (bounds the activations' GPU memory).", default=64)
+    rows_per_call: int = _help("Distinct texts handed to a scoring actor per call. The actor sorts them by "
+                               "token length before cutting forward batches, so a larger call pads less "
+                               "(64 per call ran at half the speed of 1024 on CPU); each call is also one "
+                               "durable write to the label cache, the most a killed actor can lose.",
+                               default=1024)
     shuffle_partitions: int = _help("Partitions of the run-wide distinct-text shuffle: a few per node; more for "
                                     "tens of millions of distinct texts.", default=16)
     max_text_chars: int = _help("Texts longer than this are not scored; the row's error says why.", default=2000)
@@ -88,6 +96,8 @@ class LabelSettings:
             problems.append(f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0 (1 = one T4 per actor)")
         if self.batch_size < 1:
             problems.append(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.rows_per_call < 1:
+            problems.append(f"--rows-per-call {self.rows_per_call}: must be at least 1 (e.g. 1024)")
         if self.shuffle_partitions < 1:
             problems.append(f"--shuffle-partitions {self.shuffle_partitions}: must be at least 1")
         if not 0.0 <= self.review_threshold <= 1.0:
@@ -218,8 +228,34 @@ class Summary:
 def _actor_args(settings: LabelSettings) -> dict:
     import ray
 
-    return dict(compute=ray.data.ActorPoolStrategy(size=settings.actors), num_cpus=settings.cpus_per_actor,
-                num_gpus=settings.gpus_per_actor or None, batch_size=settings.batch_size)
+    # One call at a time per actor (one model, one cache writer), run on the actor's main thread:
+    # by default Ray Data runs a class UDF on a helper thread, where the 4-bit forward used 1.2
+    # of the 2 cores it used on the main thread (CPU time / wall time, measured in the actor).
+    return dict(compute=ray.data.ActorPoolStrategy(size=settings.actors, max_concurrent_calls_per_actor=1,
+                                                   enable_true_multi_threading=True),
+                num_cpus=settings.cpus_per_actor,
+                num_gpus=settings.gpus_per_actor or None, batch_size=settings.rows_per_call)
+
+
+# Ray Data's Parquet reader reads file footers on a pool of FooterReader actors, 32 per
+# read_parquet call whatever the number of files: on a 2-core node starting them cost ~4 s of each
+# pass. More actors than footer batches (10 files each) sit idle. read_parquet builds its file
+# indexer, which reads the pool size from this variable, in the calling process.
+FOOTER_ACTORS_ENV, FILES_PER_FOOTER_BATCH, MAX_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", 10, 32
+
+
+@contextlib.contextmanager
+def footer_readers_for(files: int):
+    """Size Ray Data's footer-reader pool to `files` for the read_parquet calls inside (unless the
+    operator set RAY_DATA_PARQUET_FOOTER_NUM_ACTORS themselves)."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(min(MAX_FOOTER_ACTORS, max(1, math.ceil(files / FILES_PER_FOOTER_BATCH))))
+    try:
+        yield
+    finally:
+        del os.environ[FOOTER_ACTORS_ENV]
 
 
 def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], run_id: str, summary: Summary) -> None:
@@ -227,9 +263,10 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
     import ray
 
     files = [f for p in todo for f in p.files]
-    texts = (ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
-             .map_batches(distinct_valid_texts, batch_format="pandas", num_cpus=0.25,
-                          fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
+    with footer_readers_for(len(files)):
+        texts = ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
+    texts = (texts.map_batches(distinct_valid_texts, batch_format="pandas", num_cpus=0.25,
+                               fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
              .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
              .select_columns([TEXT]))
     device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
@@ -254,15 +291,16 @@ def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model
     fs, input_root = storage.filesystem(settings.input)
     files = [f for p in todo for f in p.files]
     labeled_at = datetime.now(timezone.utc).isoformat()
-    records = (ray.data.read_parquet(files, partitioning=Partitioning("hive", base_dir=input_root,
-                                                                      field_names=[settings.partition_key]))
-               .map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
-                            compute=ray.data.ActorPoolStrategy(size=settings.actors),
-                            batch_size=settings.batch_size * 4,
-                            fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
-                                                   "text_column": settings.text_column,
-                                                   "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
-                                                   "review_threshold": settings.review_threshold})
+    with footer_readers_for(len(files)):
+        rows = ray.data.read_parquet(files, partitioning=Partitioning("hive", base_dir=input_root,
+                                                                     field_names=[settings.partition_key]))
+    records = (rows.map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
+                                compute=ray.data.ActorPoolStrategy(size=settings.actors),
+                                batch_size=None,  # a block as read: one labeled file per block, not per 256 rows
+                                fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
+                                                       "text_column": settings.text_column,
+                                                       "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
+                                                       "review_threshold": settings.review_threshold})
                .map_batches(parts.StageWriter(settings.output, run_id, settings.partition_key),
                             batch_format="pyarrow", batch_size=None, num_cpus=0.25))
     by_name = {p.name: p for p in todo}

@@ -73,8 +73,10 @@ class TextScorer:
     """
 
     def __init__(self, model: str, cache: str, run_id: str, batch_size: int = 64, device: str | None = None):
+        import torch  # in the actor, not the driver
+
         from clf_core.logs import quiet_libraries
-        from clf_core.predict import Predictor  # torch is imported in the actor, not the driver
+        from clf_core.predict import Predictor
 
         quiet_libraries()
         started = time.monotonic()
@@ -82,8 +84,9 @@ class TextScorer:
         self.cache = LabelCache(cache, self.predictor.model_version)
         self.known = self.cache.load()
         self.run_id = run_id
-        log.info("scorer ready in %.1fs: model %s, %d cached labels", time.monotonic() - started,
-                 self.predictor.model_version, len(self.known))
+        log.info("scorer ready in %.1fs: model %s on %s, %d torch threads, %d cached labels",
+                 time.monotonic() - started, self.predictor.model_version, self.predictor.device,
+                 torch.get_num_threads(), len(self.known))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         texts = [t for t in batch[TEXT].tolist() if t not in self.known]

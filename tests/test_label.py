@@ -164,10 +164,30 @@ def test_arguments_are_checked_before_any_work(capsys, tmp_path):
     assert "same as --input" in capsys.readouterr().err
     assert label.main(["--model", "m", "--input", "in", "--output", "o", "--actors", "0"]) == 2
     assert "--actors 0: must be at least 1" in capsys.readouterr().err
+    assert label.main(["--model", "m", "--input", "in", "--output", "o", "--rows-per-call", "0"]) == 2
+    assert "--rows-per-call 0: must be at least 1" in capsys.readouterr().err
     assert backfill.main(["--model", "m", "--input", "i", "--output", "o", "--start", "2024-03-09", "--end", "2024-03-01"]) == 2
     assert "is after --end" in capsys.readouterr().err
     assert label.main(["--model", str(tmp_path / "nope"), "--input", "i", "--output", "o"]) == 2
     assert "no artifact at" in capsys.readouterr().err
+
+
+def test_ray_datas_footer_reader_pool_is_sized_to_the_files(monkeypatch):
+    """Ray Data reads Parquet footers on 32 actors per read whatever the file count; a run sizes the
+    pool to its files. Ray's own indexer is asserted to pick the size up, so an upgrade that moves
+    the knob fails here instead of silently costing seconds per pass."""
+    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+
+    from clf_core.labeling import FOOTER_ACTORS_ENV, footer_readers_for
+
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    for files, actors in ((1, 1), (10, 1), (11, 2), (5000, 32)):
+        with footer_readers_for(files):
+            assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == actors
+    assert FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")  # an operator's own setting wins
+    with footer_readers_for(1):
+        assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 7
 
 
 # ---- integration: real Ray, real S3 ---------------------------------------------------------------
@@ -291,7 +311,8 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     for day, df in days.items():
         write_partition(src, day, df, files=3)
     result = {}
-    job = threading.Thread(target=lambda: result.update(rc=label.main(job_args(tiny_artifact, src, out, "--batch-size", "4"))))
+    args = job_args(tiny_artifact, src, out, "--batch-size", "4", "--rows-per-call", "4")  # many calls to interrupt
+    job = threading.Thread(target=lambda: result.update(rc=label.main(args)))
     job.start()
     killed, cache = [], f"{out}/_label_cache"
     fs, _ = storage.filesystem(out)

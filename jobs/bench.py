@@ -627,6 +627,8 @@ def targets(results: dict) -> list[dict]:
         (s.get("label_vs_predictor") or 0) >= 0.8)
     add(f"(4) jobs.label vs (3) predictor, {s.get('large_rows')} rows", s.get("label_large_vs_predictor_large"),
         ">= 0.8x", (s.get("label_large_vs_predictor_large") or 0) >= 0.8)
+    per_row = (s.get("label_per_row") or {}).get("per_row_vs_predictor")
+    add("(4) jobs.label per-row rate (past its per-run cost) vs (3)", per_row, ">= 0.8x", (per_row or 0) >= 0.8)
     pad = s.get("padding_efficiency", {}).get("predictor")
     add("(5) padding efficiency", pad, ">= 0.9", (pad or 0) >= 0.9)
     d = results.get("dedup", {}).get("ratios", {})

@@ -1,6 +1,6 @@
 """Measure scoring and training speed side by side: ours against the seed's way and the HF pipeline.
 
-Run as (CPU, tiny nf4 Mistral built in place, nothing downloaded; ~15 min on 2 busy cores):
+Run as (CPU, tiny nf4 Mistral built in place, nothing downloaded; 4 min on 2 quiet cores, ~15 on busy ones):
 
     python -m jobs.bench --out runs/bench/cpu.json
 

@@ -296,7 +296,7 @@ def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model
                                                                      field_names=[settings.partition_key]))
     records = (rows.map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
                                 compute=ray.data.ActorPoolStrategy(size=settings.actors),
-                                batch_size=None,  # a block as read: one labeled file per block, not per 256 rows
+                                batch_size=None,  # a block as read: one labeled file per read block
                                 fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
                                                        "text_column": settings.text_column,
                                                        "max_chars": settings.max_text_chars, "labeled_at": labeled_at,

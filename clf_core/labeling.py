@@ -1,5 +1,6 @@
-"""Label Hive-partitioned Parquet ledgers with Ray Data: plan -> score distinct texts -> label
-rows -> commit each partition. Shared by jobs.label (nightly, incremental) and jobs.backfill.
+"""Label Hive-partitioned Parquet ledgers into an Iceberg table with Ray Data: plan -> score
+distinct texts -> label rows -> commit each partition. Shared by jobs.label (nightly,
+incremental) and jobs.backfill.
 
 Two streaming passes, because "each distinct text is scored once per run" cannot hold when
 several actors see the same text in different batches:
@@ -8,8 +9,9 @@ several actors see the same text in different batches:
           distinct text once, run-wide) -> TextScorer actors: score only cache misses, append
           them to the label cache -> the driver adds up (scored, cache hits)
   pass 2  read rows (partition from the path) -> ApplyLabels actors: look labels up in the
-          cache -> StageWriter: files under the run's attempt prefix -> the driver counts rows
-          per partition and commits each one as soon as it adds up (clf_core.partitions)
+          cache -> WriteDataFiles tasks: Parquet data files in the table's location -> the
+          driver counts rows per partition and commits each one, in its own Iceberg
+          transaction, as soon as its files add up to its input rows (clf_core.table)
 
 The driver only ever receives per-batch counts and per-file records, never rows.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,14 +29,15 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
+import pyarrow as pa
+
 from clf_core import partitions as parts
 from clf_core import storage
 from clf_core.errors import ConfigError
 from clf_core.scoring import OUTPUT_COLUMNS, TEXT, ApplyLabels, TextScorer, distinct_valid_texts
+from clf_core.table import DATE, CommitError, LabeledTable, PartitionCommit, WriteDataFiles, input_changes
 
 log = logging.getLogger(__name__)
-
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 def _help(text: str, **kwargs):
@@ -46,11 +48,15 @@ def _help(text: str, **kwargs):
 class LabelSettings:
     model: str = _help("Model artifact published by jobs.train: a local folder or s3:// URI.", default="")
     input: str = _help("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="")
-    output: str = _help("Prefix for labeled partitions, mirroring the input layout (local or s3://).", default="")
-    cache: str = _help("Label cache prefix, keyed by model version and text. Default: <output>/_label_cache.",
-                       default="")
+    catalog: str = _help("The pyiceberg catalog holding the output table, configured the pyiceberg way "
+                         "(.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables).", default="")
+    output_table: str = _help("The labeled table, NAMESPACE.TABLE; created on first use, partitioned like the "
+                              "input.", default="")
+    cache: str = _help("Label cache prefix (local or s3://), keyed by model version and text: the next run "
+                       "scores only texts it has never seen. Keep it apart from the input.", default="")
     text_column: str = _help("Column holding the line-item text.", default="texts")
-    partition_key: str = _help("Hive partition key of the input folders (key=value).", default="dt")
+    partition_key: str = _help("Hive partition key of the input folders (key=value); also the table's partition "
+                               "column (an Iceberg date when every value is a date).", default="dt")
     actors: int = _help("Scoring actors (production: one per GPU).", default=1)
     cpus_per_actor: float = _help("CPUs reserved per actor. Keep the total below the cluster's CPUs so "
                                   "Ray Data's read tasks are never starved.", default=0.5)
@@ -67,21 +73,26 @@ class LabelSettings:
     actor_start_timeout_s: float = _help("Seconds to wait for the first actors to load the model "
                                          "(-1 = no limit: 7B weights can take minutes).", default=-1)
     review_threshold: float = _help("Rows scored below this confidence, and rows that could not be scored, "
-                                    "get needs_review=true and are listed in <partition>/_review.csv.",
+                                    "get needs_review=true (the review queue: a query on the table).",
                                     default=0.9)
-    force: bool = _help("Relabel partitions that already have committed output.", default=False)
+    review_export: str = _help("Also write each labeled partition's needs_review rows to "
+                               "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
+                               "spreadsheet. Empty: no files.", default="")
+    force: bool = _help("Relabel partitions that already have committed labels.", default=False)
     dry_run: bool = _help("List what would be labeled and exit without running anything.", default=False)
-
-    def cache_uri(self) -> str:
-        return self.cache or storage.join(self.output, "_label_cache")
 
     def validate(self) -> "LabelSettings":
         problems = []
-        for name in ("model", "input", "output"):
+        for name in ("model", "input", "cache"):
             if not getattr(self, name).strip():
                 problems.append(f"--{name} is required (a local path or s3:// URI)")
-        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
-            problems.append(f"--output {self.output!r} is the same as --input; write labels to a separate prefix")
+        if not self.catalog.strip():
+            problems.append("--catalog is required: the name of a pyiceberg catalog (e.g. --catalog ledgers, "
+                            "configured in .pyiceberg.yaml or PYICEBERG_CATALOG__LEDGERS__* variables)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*", self.output_table or ""):
+            problems.append(f"--output-table {self.output_table!r}: expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
+        if self.input and self.cache and self.input.rstrip("/") == self.cache.rstrip("/"):
+            problems.append(f"--cache {self.cache!r} is the same as --input; keep the label cache apart")
         if not self.text_column:
             problems.append("--text-column must name a column")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.partition_key or ""):
@@ -136,58 +147,99 @@ def parse_date(flag: str, value: str) -> date:
         raise ConfigError(f"{flag} {value!r}: not a calendar date ({exc}); use YYYY-MM-DD") from exc
 
 
+def is_date(value: str) -> bool:
+    try:
+        return bool(DATE.match(value)) and date.fromisoformat(value) is not None
+    except ValueError:
+        return False
+
+
 # ---- plan ---------------------------------------------------------------------------------------
 
 @dataclass
 class Plan:
     todo: list[parts.Partition]
-    skipped: list[str]                 # committed already (and not forced)
+    skipped: list[str]                 # labeled already, from the same input files (and not forced)
     failed: dict[str, str]             # partition -> why (names the file)
+    why: dict[str, str] = field(default_factory=dict)                  # partition to label -> why
+    planned_on: dict[str, PartitionCommit] = field(default_factory=dict)  # its record when planned
+    schema: pa.Schema | None = None    # the planned files read as one dataset
+    key_is_date: bool = True           # the table's partition column is an Iceberg date
+    mode: str = "label"                # "label" (nightly) or "backfill" (also relabels other model versions)
 
 
-def plan(settings: LabelSettings, model_version: str, start: date | None = None, end: date | None = None,
-         relabel_other_versions: bool = False) -> Plan:
-    """Which partitions to label: those without committed output (or all, with --force); with a
-    date range, only those inside it; for backfills, also those labeled by another model version
+def reason_to_label(record: PartitionCommit | None, partition: parts.Partition, model_version: str, mode: str,
+                    force: bool) -> str | None:
+    """Why a partition needs (re)labeling given its committed record, or None to leave it."""
+    if record is None:
+        return "not labeled yet"
+    current = parts.input_files(partition)
+    if tuple(map(tuple, record.input_files)) != current:
+        return f"input changed since run {record.run_id}: {input_changes(record.input_files, current)}"
+    if mode == "backfill" and record.model_version != model_version:
+        return f"labeled by model {record.model_version}"
+    if force:
+        return "--force"
+    return None
+
+
+def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start: date | None = None,
+         end: date | None = None, mode: str = "label") -> Plan:
+    """Which partitions to label: those the table holds no labels for, those whose input files
+    changed since they were labeled (a late or rewritten file), all with --force; with a date
+    range, only those inside it; for backfills, also those labeled by another model version
     (which makes an interrupted backfill resumable: what it finished is skipped on the re-run)."""
     found = parts.discover(settings.input, settings.partition_key)
-    todo, skipped, failed = [], [], {}
-    run_schema = None  # all planned files are read as one dataset: their column types must agree
-    for p in found:
-        if start or end:
-            if not DATE.match(p.value):
+    if start or end:
+        inside = []
+        for p in found:
+            if not is_date(p.value):
                 log.warning("ignoring %s: not a date, outside any --start/--end range", p.name)
-                continue
-            if (start and p.value < start.isoformat()) or (end and p.value > end.isoformat()):
-                continue
-        manifest = parts.read_manifest(settings.output, p.name)
-        if manifest and not settings.force:
-            if not (relabel_other_versions and manifest.get("model_version") != model_version):
-                skipped.append(p.name)
-                continue
+            elif not ((start and p.value < start.isoformat()) or (end and p.value > end.isoformat())):
+                inside.append(p)
+        found = inside
+    key_is_date = table.key_is_date if table.key_is_date is not None else all(is_date(p.value) for p in found)
+    records = table.commits()
+    pl = Plan(todo=[], skipped=[], failed={}, key_is_date=key_is_date, mode=mode)
+    for p in found:
+        why = reason_to_label(records.get(p.name), p, model_version, mode, settings.force)
+        if why is None:
+            pl.skipped.append(p.name)
+            continue
+        if key_is_date and not is_date(p.value):
+            pl.failed[p.name] = (f"{p.value!r} is not a date (YYYY-MM-DD), and table {table.identifier} stores "
+                                 f"{settings.partition_key} as a date; rename the folder, or label it into another table")
+            continue
         parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,))
         if not p.problem:
             for uri, schema in p.schemas.items():
-                conflict = parts.schema_conflict(run_schema, schema)
+                conflict = parts.schema_conflict(pl.schema, schema)
                 if conflict:
                     p.problem = (f"{uri} does not match the partitions planned before it in this run "
-                                 f"(first: {todo[0].files[0]}): {conflict}. A run reads all its partitions "
+                                 f"(first: {pl.todo[0].files[0]}): {conflict}. A run reads all its partitions "
                                  f"as one dataset; once they are committed, a re-run labels {p.name} on its own.")
                     break
+                misfit = table.check_input_schema(schema)
+                if misfit:
+                    p.problem = f"{uri} {misfit}. Rewrite the file with the table's column types."
+                    break
         if p.problem:
-            failed[p.name] = p.problem
-        else:
-            for schema in p.schemas.values():
-                run_schema = parts.merge_schemas(run_schema, schema)
-            todo.append(p)
-    return Plan(todo, skipped, failed)
+            pl.failed[p.name] = p.problem
+            continue
+        for schema in p.schemas.values():
+            pl.schema = parts.merge_schemas(pl.schema, schema)
+        pl.todo.append(p)
+        pl.why[p.name] = why
+        if p.name in records:
+            pl.planned_on[p.name] = records[p.name]
+    return pl
 
 
 def describe_plan(pl: Plan) -> str:
     lines = [f"would label {len(pl.todo)} partition(s) ({sum(p.rows for p in pl.todo)} rows), "
-             f"skip {len(pl.skipped)} already committed, {len(pl.failed)} cannot be read"]
-    lines += [f"  label  {p.name}  {p.rows} rows in {len(p.files)} file(s)" for p in pl.todo]
-    lines += [f"  skip   {name}  (committed; --force relabels)" for name in pl.skipped]
+             f"skip {len(pl.skipped)} already labeled, {len(pl.failed)} cannot be read"]
+    lines += [f"  label  {p.name}  {p.rows} rows in {len(p.files)} file(s): {pl.why.get(p.name, '')}" for p in pl.todo]
+    lines += [f"  skip   {name}  (labeled from these input files; --force relabels)" for name in pl.skipped]
     lines += [f"  FAIL   {name}  {why}" for name, why in pl.failed.items()]
     return "\n".join(lines)
 
@@ -199,6 +251,7 @@ class Summary:
     partitions_committed: list[str] = field(default_factory=list)
     partitions_skipped: list[str] = field(default_factory=list)
     partitions_failed: dict[str, str] = field(default_factory=dict)
+    partitions_left: dict[str, str] = field(default_factory=dict)  # committed by a concurrent run instead
     rows_in: int = 0
     rows_out: int = 0
     error_rows: int = 0
@@ -207,21 +260,25 @@ class Summary:
     scored: int = 0
     cache_hits: int = 0
     seconds: float = 0.0
-    run_record_error: str = ""  # the audit record under <output>/_runs could not be written
+    commit_seconds: float = 0.0        # driver time in partition commits (footers + Iceberg transaction)
+    run_id: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.partitions_failed and not self.run_record_error
+        return not self.partitions_failed
+
+    @property
+    def exit_status(self) -> int:
+        return 0 if self.ok else 1
 
     def report(self) -> str:
         lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
-                 f"failed {len(self.partitions_failed)} | rows in {self.rows_in}, out {self.rows_out}, "
-                 f"with error {self.error_rows}, to review {self.review_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, "
-                 f"cache hits {self.cache_hits} | {self.seconds:.1f}s "
-                 f"({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
+                 f"left to another run {len(self.partitions_left)}, failed {len(self.partitions_failed)} | "
+                 f"rows in {self.rows_in}, out {self.rows_out}, with error {self.error_rows}, to review "
+                 f"{self.review_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
+                 f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
+        lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
-        if self.run_record_error:
-            lines.append(f"  FAILED {self.run_record_error}")
         return "\n".join(lines)
 
 
@@ -271,7 +328,7 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
              .select_columns([TEXT]))
     device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
     counts = texts.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),
-                               fn_constructor_kwargs={"model": settings.model, "cache": settings.cache_uri(),
+                               fn_constructor_kwargs={"model": settings.model, "cache": settings.cache,
                                                       "run_id": run_id, "batch_size": settings.batch_size,
                                                       "device": device})
     for batch in counts.iter_batches(batch_format="pandas", batch_size=None):
@@ -282,62 +339,98 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
              summary.distinct_texts, summary.scored, summary.cache_hits)
 
 
-def label_and_commit(settings: LabelSettings, todo: list[parts.Partition], model_version: str, run_id: str,
+def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, run_id: str,
                      summary: Summary, started: float) -> None:
-    """Pass 2: label every row, stage the files, commit each partition when its rows add up."""
+    """Pass 2: label every row, write data files, commit each partition when its rows add up."""
     import ray
     from ray.data.datasource import Partitioning
 
     fs, input_root = storage.filesystem(settings.input)
-    files = [f for p in todo for f in p.files]
+    files = [f for p in pl.todo for f in p.files]
     labeled_at = datetime.now(timezone.utc).isoformat()
     with footer_readers_for(len(files)):
         rows = ray.data.read_parquet(files, partitioning=Partitioning("hive", base_dir=input_root,
                                                                      field_names=[settings.partition_key]))
     records = (rows.map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
                                 compute=ray.data.ActorPoolStrategy(size=settings.actors),
-                                batch_size=None,  # a block as read: one labeled file per read block
-                                fn_constructor_kwargs={"cache": settings.cache_uri(), "model_version": model_version,
+                                batch_size=None,  # a block as read: one data file per read block
+                                fn_constructor_kwargs={"cache": settings.cache, "model_version": model_version,
                                                        "text_column": settings.text_column,
                                                        "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
                                                        "review_threshold": settings.review_threshold})
-               .map_batches(parts.StageWriter(settings.output, run_id, settings.partition_key),
-                            batch_format="pyarrow", batch_size=None, num_cpus=0.25))
-    by_name = {p.name: p for p in todo}
+               .map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
+                            num_cpus=0.25))
+    by_name = {p.name: p for p in pl.todo}
     written: dict[str, list[dict]] = {name: [] for name in by_name}
-    info = {"run_id": run_id, "model_version": model_version, "model": settings.model,
-            "text_column": settings.text_column}
-    for batch in records.iter_batches(batch_format="pandas", batch_size=None):
-        for record in batch.to_dict("records"):
+    for batch in records.iter_batches(batch_format="pyarrow", batch_size=None):
+        for record in batch.to_pylist():
             name = record["partition"]
             written[name].append(record)
             got = sum(r["rows"] for r in written[name])
             if got == by_name[name].rows:
-                _commit(settings, by_name[name], written[name], info, summary)
+                commit(settings, pl, table, by_name[name], written[name], model_version, run_id, summary)
                 elapsed = time.monotonic() - started
-                log.info("committed %s: %d rows | %d/%d partitions done, %.0f rows/s", name, got,
-                         len(summary.partitions_committed), len(todo), summary.rows_out / max(elapsed, 1e-9))
+                log.info("%s: %d rows | %d/%d partitions done, %.0f rows/s", name, got,
+                         len(summary.partitions_committed) + len(summary.partitions_left), len(pl.todo),
+                         summary.rows_out / max(elapsed, 1e-9))
             elif got > by_name[name].rows:  # never expected: Ray delivers each output block once
                 log.error("%s: %d rows written for %d input rows", name, got, by_name[name].rows)
                 summary.partitions_failed.setdefault(name, f"wrote {got} rows for {by_name[name].rows} input rows")
     for name, p in by_name.items():
-        if name not in summary.partitions_committed and name not in summary.partitions_failed:
+        if p.rows == 0 and name not in summary.partitions_failed:  # nothing to read: commit it as labeled, empty
+            commit(settings, pl, table, p, [], model_version, run_id, summary)
+        done = summary.partitions_committed + list(summary.partitions_left) + list(summary.partitions_failed)
+        if name not in done:
             got = sum(r["rows"] for r in written[name])
             summary.partitions_failed[name] = f"wrote {got} of {p.rows} rows; not committed"
 
 
-def _commit(settings, partition, written, info, summary) -> None:
+def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: parts.Partition, written: list[dict],
+           model_version: str, run_id: str, summary: Summary) -> None:
+    """Commit one partition (clf_core.table.commit_partition), then export its review rows."""
+    started = time.monotonic()
+    record = PartitionCommit(partition=partition.name, run_id=run_id, model_version=model_version,
+                             input_files=parts.input_files(partition), input_rows=partition.rows,
+                             snapshot_id=0, committed_at_ms=0)
+    inputs = parts.input_files(partition)
+
+    def still_mine(theirs: PartitionCommit) -> bool:
+        # Another run committed this partition while this one labeled it. Replace its labels only
+        # when both read the same input files and this is a backfill to another model version;
+        # otherwise keep theirs (if the inputs differ, the next run sees it and relabels).
+        return tuple(map(tuple, theirs.input_files)) == inputs and pl.mode == "backfill" \
+            and theirs.model_version != model_version
+
     try:
-        # The review list is written before the commit point (_SUCCESS), so a committed
-        # partition always has one; a crash in between leaves only a `_` file a re-run replaces.
-        summary.review_rows += parts.write_review_file(settings.output, partition.name, written)
-        manifest = parts.commit(settings.output, partition, written, info)
-    except parts.CommitError as exc:
+        outcome, landed = table.commit_partition(
+            partition.name, partition.value, [r["path"] for r in written], partition.rows, record,
+            pl.planned_on.get(partition.name), still_mine)
+    except CommitError as exc:
         summary.partitions_failed[partition.name] = str(exc)
         return
+    except Exception as exc:  # e.g. the catalog refused past its retries: this partition fails, others go on
+        summary.partitions_failed[partition.name] = f"commit failed: {failure_reason(exc)}"
+        return
+    finally:
+        summary.commit_seconds += time.monotonic() - started
+    if outcome == "left":
+        summary.partitions_left[partition.name] = (f"committed by run {landed.run_id} (model {landed.model_version}) "
+                                                   f"while this run was labeling it; its labels were kept")
+        return
     summary.partitions_committed.append(partition.name)
-    summary.rows_out += manifest["rows"]
-    summary.error_rows += manifest["error_rows"]
+    summary.rows_out += partition.rows
+    summary.error_rows += sum(r["errors"] for r in written)
+    summary.review_rows += sum(r["review"] for r in written)
+    if settings.review_export:
+        from clf_core.review import export_review
+
+        target = storage.join(settings.review_export, f"{partition.name}.csv")
+        try:
+            export_review(table.table.io, [r["path"] for r in written], target)
+        except Exception as exc:  # the labels are committed; only the convenience copy is missing
+            summary.partitions_failed[partition.name] = (
+                f"labels committed, but the review export {target} failed: {type(exc).__name__}: {exc}. "
+                f"The rows are in the table (needs_review = true); --force relabels and exports again")
 
 
 _CHAINED = re.compile(r"\n\s*(?:The above exception was the direct cause of the following exception:|"
@@ -359,7 +452,7 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {last.strip()[:500]}"
 
 
-def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
+def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None = None) -> Summary:
     """Both passes over the planned partitions. Failures are reported in the summary; a failure
     of the whole pipeline (e.g. a file corrupt past its footer) fails every uncommitted partition."""
     import ray
@@ -371,38 +464,36 @@ def run(settings: LabelSettings, pl: Plan, model_version: str) -> Summary:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False      # our own progress lines instead
         ctx.wait_for_min_actors_s = settings.actor_start_timeout_s  # 7B actors may take minutes to load
-        run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-        log.info("run %s: %d partition(s), %d rows, model %s", run_id, len(pl.todo), summary.rows_in, model_version)
+        summary.run_id = run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+        log.info("run %s: %d partition(s), %d rows, model %s -> table %s", run_id, len(pl.todo), summary.rows_in,
+                 model_version, table.identifier)
         try:
+            table.ensure(pl.schema, pl.key_is_date)   # created or widened before any worker writes
+            if tag:
+                table.tag_current(tag)
             score_distinct_texts(settings, pl.todo, run_id, summary)
-            label_and_commit(settings, pl.todo, model_version, run_id, summary, started)
+            label_and_commit(settings, pl, table, model_version, run_id, summary, started)
         except Exception as exc:  # the pipeline died: every partition not yet committed failed
             why = f"the labeling pipeline failed: {failure_reason(exc)}"
             log.error(why)
             for p in pl.todo:
-                if p.name not in summary.partitions_committed:
+                if p.name not in summary.partitions_committed and p.name not in summary.partitions_left:
                     summary.partitions_failed.setdefault(p.name, why)
     summary.seconds = time.monotonic() - started
-    if pl.todo:  # an audit trail of what each run did, next to the output it describes
-        record = storage.join(settings.output, "_runs", f"{run_id}.json")
-        try:
-            storage.write_bytes(record, json.dumps({"run_id": run_id, "model_version": model_version,
-                                                    **dataclasses.asdict(summary)}, indent=2).encode())
-        except Exception as exc:  # e.g. S3 refusing writes past the retries: still report what happened
-            summary.run_record_error = f"could not write the run record {record}: {type(exc).__name__}: {exc}"
-            log.error(summary.run_record_error)
     return summary
 
 
-def execute(settings: LabelSettings, pl: Plan, model_version: str) -> tuple[int, Summary | None]:
+def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str,
+            tag: str | None = None) -> Summary | None:
     """What jobs.label and jobs.backfill do once planned: show the plan, run it unless dry-run,
-    print the summary. Returns (exit status, summary): 0 all committed, 1 any partition failed."""
+    print the summary. Returns the summary (None for a dry run); its exit_status is 0 when every
+    planned partition was committed (or left to a concurrent run), 1 when any failed."""
     from clf_core.runtime import ensure_ray
 
     print(describe_plan(pl), flush=True)
     if settings.dry_run:
-        return 0, None
+        return None
     ensure_ray()
-    summary = run(settings, pl, model_version)
+    summary = run(settings, pl, table, model_version, tag)
     print(summary.report(), flush=True)
-    return (0 if summary.ok else 1), summary
+    return summary

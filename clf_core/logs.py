@@ -7,6 +7,8 @@ Silenced deliberately, one by one (anything else still shows):
   and say nothing the user can act on;
 - the tokenizers fork warning (we tokenize in the main process only);
 - Ray Data's per-pipeline INFO lines (execution plans), replaced by our own progress lines;
+- pyiceberg's "Loaded FileIO" INFO line, once per table load (its warnings, e.g. a commit retried
+  after a concurrent update, still show);
 - Ray Train's two INFO lines per epoch in each worker ("Checkpoint successfully created at",
   "Reporting training result N: TrainingReport(...)"): our epoch line says the same in one line.
   Only those two loggers: restarts and failures (the controller's) still show.
@@ -49,6 +51,7 @@ def quiet_libraries() -> None:
     # Ray Data prints its execution plan and "dataset finished" lines for every pipeline; our
     # jobs log their own progress (partitions done, rows/s) instead.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("pyiceberg").setLevel(logging.WARNING)
     for name in ("ray.train.v2._internal.execution.storage", "ray.train.v2._internal.execution.context"):
         logging.getLogger(name).setLevel(logging.WARNING)
         # Ray Train's context module names its logger by file path, not module name; its

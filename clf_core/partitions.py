@@ -1,35 +1,21 @@
-"""Hive-partitioned ledgers in, labeled partitions out, each committed exactly once.
+"""The input side: Hive-partitioned ledgers, found and checked before any worker starts.
 
-Input:   <input>/dt=YYYY-MM-DD/*.parquet            any schema holding the text column
-Output:  <output>/dt=YYYY-MM-DD/_SUCCESS            the commit: JSON manifest (files, row counts)
-         <output>/dt=YYYY-MM-DD/_attempts/<run_id>/part-<uuid>.parquet    data files
+    <input>/dt=YYYY-MM-DD/*.parquet       any schema holding the text column
 
-The commit protocol, for object stores with no atomic rename:
-1. Data files are written under a per-run attempt prefix, each with a fresh name, so a retried
-   or crashed writer can only add files, never change one a manifest lists.
-2. The writer reports (partition, file, rows) for every file it finished; the driver counts.
-3. When the rows reported for a partition equal its input rows (from the input Parquet
-   footers), the driver re-reads the footers of exactly those files and, if they still add up,
-   PUTs `_SUCCESS`. A single-object PUT is atomic on S3: readers see the old manifest or the
-   new one, never half of one.
-4. Readers trust only files a committed manifest lists (`committed_files`, `read_committed`).
-   Attempt files live under `_`-prefixed folders, which pyarrow, Spark and Ray skip when
-   reading a directory, so even a naive reader never sees uncommitted or orphan rows.
+`discover` lists the partition folders and their files with size and ETag (or mtime): what a
+partition's record in the output table compares with, so a late or rewritten file is noticed.
+`inspect` reads each file's footer (no rows) for row counts and the schema checks that would
+otherwise fail the whole run mid-way. The output side is clf_core.table.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from clf_core import storage
@@ -37,20 +23,13 @@ from clf_core.errors import ClfError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_SUCCESS"
-ATTEMPTS = "_attempts"
-FORMAT = "clf-labeled-partition/1"
-
-
-class CommitError(ClfError):
-    """A partition's output does not add up to its input; nothing was committed."""
-
 
 @dataclass
 class Partition:
     name: str                                   # "dt=2024-01-31": the folder, in and out
     value: str                                  # "2024-01-31"
     files: list[str] = field(default_factory=list)  # input files, full URIs
+    versions: dict[str, tuple[int, str]] = field(default_factory=dict)  # uri -> (size, ETag or mtime)
     rows: int = 0                               # input rows, from the Parquet footers
     problem: str | None = None                  # why it cannot be labeled (names the file)
     schemas: dict[str, pa.Schema] = field(default_factory=dict, repr=False)  # input file -> its Arrow schema
@@ -66,6 +45,7 @@ def _uri(base: str, path: str) -> str:
 def discover(input_uri: str, key: str = "dt") -> list[Partition]:
     """The `<key>=<value>` folders directly under input_uri, sorted by value, with their files."""
     fs, root = storage.filesystem(input_uri)
+    fs.invalidate_cache()  # a long-lived process (a notebook, the tests) must see files that arrived since
     if not fs.isdir(root):
         raise ClfError(f"--input {input_uri} is not a folder or prefix (or does not exist). Point it at the "
                        f"parent of the {key}=YYYY-MM-DD/ folders, and check the bucket and AWS credentials.")
@@ -78,10 +58,25 @@ def discover(input_uri: str, key: str = "dt") -> list[Partition]:
             if not name.startswith(("_", ".")):
                 log.warning("ignoring %s: not a %s=... partition folder", name, key)
             continue
-        files = sorted(_uri(input_uri, p) for p in fs.find(entry["name"])
-                       if p.endswith(".parquet") and not any(s.startswith(("_", ".")) for s in p[len(entry["name"]):].split("/")))
-        partitions.append(Partition(name, match.group(1), files))
+        found = fs.find(entry["name"], detail=True)
+        versions = {_uri(input_uri, path): (int(info.get("size") or 0), _version(info)) for path, info in found.items()
+                    if path.endswith(".parquet")
+                    and not any(s.startswith(("_", ".")) for s in path[len(entry["name"]):].split("/"))}
+        partitions.append(Partition(name, match.group(1), sorted(versions), versions))
     return sorted(partitions, key=lambda p: p.value)
+
+
+def _version(info: dict) -> str:
+    """What changes when a file is rewritten: the object's ETag on S3, the mtime on a local disk."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return ""
+
+
+def input_files(partition: Partition) -> tuple[tuple[str, int, str], ...]:
+    """(uri, size, version) of each input file, sorted: what a partition commit records."""
+    return tuple((uri, *partition.versions.get(uri, (0, ""))) for uri in partition.files)
 
 
 def merge_schemas(merged: pa.Schema | None, schema: pa.Schema) -> pa.Schema:
@@ -144,134 +139,3 @@ def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -
         rows += meta.num_rows
     partition.rows = rows
     return partition
-
-
-# ---- output side ------------------------------------------------------------------------------
-
-def read_manifest(output_uri: str, partition_name: str) -> dict | None:
-    uri = storage.join(output_uri, partition_name, MANIFEST)
-    if not storage.exists(uri):
-        return None
-    return json.loads(storage.read_text(uri))
-
-
-class StageWriter:
-    """Ray Data write stage: each batch's rows go to fresh files under this run's attempt prefix.
-
-    Returns one record per file written (partition, path relative to the output, rows, error
-    rows): the only thing the driver receives. Rows carry their partition value in the `key`
-    column (Ray's hive partitioning adds it); it goes back into the folder name, as in the input.
-    """
-
-    def __init__(self, output_uri: str, run_id: str, key: str = "dt"):
-        self.output_uri = output_uri
-        self.run_id = run_id
-        self.key = key
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        fs, root = storage.filesystem(self.output_uri)
-        records = []
-        keys = batch.column(self.key)
-        for value in pa.compute.unique(keys).to_pylist():
-            name = f"{self.key}={value}"
-            part = batch.filter(pa.compute.equal(keys, value)).drop_columns([self.key])
-            rel = posixpath.join(name, ATTEMPTS, self.run_id, f"part-{uuid.uuid4().hex}.parquet")
-            target = posixpath.join(root, rel)
-            if not storage.is_remote(self.output_uri):
-                fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            with fs.open(target, "wb") as f:
-                pq.write_table(part, f)
-            errors = part.num_rows - part.column("error").null_count
-            records.append({"partition": name, "path": rel, "rows": part.num_rows, "errors": errors})
-        return pa.Table.from_pylist(records, schema=pa.schema([("partition", pa.string()), ("path", pa.string()),
-                                                                ("rows", pa.int64()), ("errors", pa.int64())]))
-
-
-def commit(output_uri: str, partition: Partition, written: list[dict], info: dict) -> dict:
-    """Check the written files against the input, then PUT the manifest. Returns the manifest."""
-    fs, root = storage.filesystem(output_uri)
-    files, total = [], 0
-    for record in written:
-        with fs.open(posixpath.join(root, record["path"]), "rb") as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        files.append({"path": record["path"], "rows": rows})
-        total += rows
-    if total != partition.rows:
-        raise CommitError(f"{partition.name}: wrote {total} rows for {partition.rows} input rows; not committed")
-    previous = read_manifest(output_uri, partition.name)
-    manifest = {
-        "format": FORMAT,
-        "partition": partition.name,
-        "input_files": partition.files,
-        "input_rows": partition.rows,
-        "rows": total,
-        "error_rows": int(sum(r.get("errors", 0) for r in written)),
-        "files": sorted(files, key=lambda f: f["path"]),
-        "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **info,
-    }
-    storage.write_bytes(storage.join(output_uri, partition.name, MANIFEST),
-                        json.dumps(manifest, indent=2, sort_keys=True).encode())
-    _remove_stale_attempts(output_uri, partition.name, keep={info.get("run_id"), (previous or {}).get("run_id")})
-    return manifest
-
-
-REVIEW = "_review.csv"
-REVIEW_COLUMNS = ("label", "confidence", "error")
-
-
-def write_review_file(output_uri: str, partition_name: str, written: list[dict]) -> int:
-    """<partition>/_review.csv: the rows flagged needs_review (every input column plus label,
-    confidence and error), for the accountants who check doubtful lines instead of all of them."""
-    fs, root = storage.filesystem(output_uri)
-    frames = []
-    for record in written:
-        with fs.open(posixpath.join(root, record["path"]), "rb") as f:
-            table = pq.read_table(f, filters=[("needs_review", "=", True)])
-        frames.append(table.to_pandas())
-    flagged = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    if len(flagged):
-        flagged = flagged.drop(columns=[c for c in ("model_version", "labeled_at", "needs_review") if c in flagged])
-    storage.write_bytes(storage.join(output_uri, partition_name, REVIEW), flagged.to_csv(index=False).encode())
-    return len(flagged)
-
-
-def _remove_stale_attempts(output_uri: str, partition_name: str, keep: set) -> None:
-    """Delete attempt folders that no manifest lists (crashed or superseded runs). The previous
-    manifest's files are kept one generation, so a reader that just read it can still finish."""
-    fs, root = storage.filesystem(output_uri)
-    attempts = posixpath.join(root, partition_name, ATTEMPTS)
-    try:
-        entries = fs.ls(attempts, detail=False)
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if posixpath.basename(entry.rstrip("/")) not in keep:
-            fs.rm(entry, recursive=True)
-
-
-def committed_files(output_uri: str) -> dict[str, list[str]]:
-    """partition name -> full URIs of its committed data files (what readers should read)."""
-    fs, root = storage.filesystem(output_uri)
-    out = {}
-    if not fs.isdir(root):
-        return out
-    for entry in sorted(fs.ls(root, detail=False)):
-        name = posixpath.basename(entry.rstrip("/"))
-        manifest = read_manifest(output_uri, name) if "=" in name else None
-        if manifest:
-            out[name] = [storage.join(output_uri, f["path"]) for f in manifest["files"]]
-    return out
-
-
-def read_committed(output_uri: str) -> pd.DataFrame:
-    """Every committed row, with its partition value as a column (for checks and small outputs;
-    big readers pass `committed_files` to ray.data.read_parquet)."""
-    frames = []
-    for name, uris in committed_files(output_uri).items():
-        key, _, value = name.partition("=")
-        for uri in uris:
-            fs, path = storage.filesystem(uri)
-            with fs.open(path, "rb") as f:
-                frames.append(pq.read_table(f).to_pandas().assign(**{key: value}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

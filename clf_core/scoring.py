@@ -28,8 +28,13 @@ from clf_core.label_cache import LabelCache
 
 log = logging.getLogger(__name__)
 
-# The columns labeling appends; an input that already holds one is refused, never overwritten.
-OUTPUT_COLUMNS = ("label", "confidence", "model_version", "labeled_at", "error", "needs_review")
+# The columns labeling appends, with their types; an input that already holds one is refused,
+# never overwritten.
+OUTPUT_SCHEMA = pa.schema([
+    ("label", pa.string()), ("confidence", pa.float64()), ("model_version", pa.string()),
+    ("labeled_at", pa.timestamp("us", tz="UTC")), ("error", pa.string()), ("needs_review", pa.bool_()),
+])
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 TEXT = "text"  # column name of the distinct-texts dataset of pass 1
 
 

@@ -2,15 +2,19 @@
 
 Run as:
     python -m jobs.backfill --model s3://models/ledger-clf/v4 --input s3://ledgers/raw \
-        --output s3://ledgers/labeled --start 2024-01-01 --end 2024-12-31 --dry-run
+        --catalog ledgers --output-table ledgers.labeled_lines --cache s3://ledgers/label-cache \
+        --start 2024-01-01 --end 2024-12-31 --dry-run
     ray job submit --working-dir . -- python -m jobs.backfill --model s3://models/ledger-clf/v4 \
-        --input s3://ledgers/raw --output s3://ledgers/labeled --start 2024-01-01 --end 2024-12-31
+        --input s3://ledgers/raw --catalog ledgers --output-table ledgers.labeled_lines \
+        --cache s3://ledgers/label-cache --start 2024-01-01 --end 2024-12-31
 
-Every partition in [--start, --end] (inclusive) is labeled unless its committed output already
-comes from this model version: an interrupted backfill is resumed by running the same command
-again (finished partitions are skipped). `--force` relabels even those. `--dry-run` lists what it
-would do. Each partition is replaced atomically: readers see the old labels until the new
-manifest is committed. Exit status as for jobs.label.
+Every partition in [--start, --end] (inclusive) is labeled unless its labels already come from
+this model version and the same input files: an interrupted backfill is resumed by running the
+same command again (finished partitions are skipped). `--force` relabels even those. `--dry-run`
+lists what it would do. Each partition is replaced atomically: readers see the old labels until
+its commit. Before its first commit the backfill tags the table's current snapshot
+`backfill-<start>-<end>-<model version>`: the labels as they were, for time travel and for
+`python -m jobs.table rollback --to <tag>`. Exit status as for jobs.label.
 """
 
 from __future__ import annotations
@@ -24,17 +28,23 @@ from clf_core.errors import ClfError, ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from clf_core.labeling import add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.backfill", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jobs.backfill", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)  # an old --output must not pass for --output-table
     parser.add_argument("--start", required=True, help="First partition date to relabel, YYYY-MM-DD (inclusive).")
     parser.add_argument("--end", required=True, help="Last partition date to relabel, YYYY-MM-DD (inclusive).")
     add_arguments(parser)
     return parser
 
 
+def backfill_tag(start, end, model_version: str) -> str:
+    return f"backfill-{start.isoformat()}-{end.isoformat()}-{model_version}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.labeling import execute, parse_date, plan, settings_from_args
     from clf_core.logs import setup_logging
+    from clf_core.table import LabeledTable
 
     setup_logging()
     try:
@@ -44,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--start {args.start} is after --end {args.end}; swap them")
         settings = settings_from_args(args)
         model_version = open_artifact(settings.model).model_version
-        todo = plan(settings, model_version, start, end, relabel_other_versions=True)
+        table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
+        todo = plan(settings, model_version, table, start, end, mode="backfill")
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return execute(settings, todo, model_version)[0]
+    summary = execute(settings, todo, table, model_version, tag=backfill_tag(start, end, model_version))
+    return summary.exit_status if summary else 0
 
 
 if __name__ == "__main__":

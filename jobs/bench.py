@@ -221,14 +221,15 @@ def bench_scoring(settings: BenchSettings, artifact: str, texts: list[str], item
         extra["pipeline_best_batch_size"] = best
         variants["pipeline"] = lambda: len(pipe(texts, batch_size=best))
     variants["predictor"] = lambda: len(predictor.predict(texts))
+    commit_seconds: list[float] = []
     if "label" in items:
-        variants["label"] = label_job_runner(settings, artifact, texts, work / "ledger")
+        variants["label"] = label_job_runner(settings, artifact, texts, work / "ledger", commit_seconds)
         if settings.label_scale > 1:
             # A night's ledger is many times the 1,129 account names: the same names, one line
             # per property, all distinct so the job's dedup cannot shortcut them.
             large = nightly_ledger(texts, settings.label_scale)
             extra["large_rows"] = len(large)
-            variants["label_large"] = label_job_runner(settings, artifact, large, work / "ledger-large")
+            variants["label_large"] = label_job_runner(settings, artifact, large, work / "ledger-large", commit_seconds)
             variants["predictor_large"] = lambda: len(predictor.predict(large))
     rates = interleaved(variants, settings.rounds)
     result = {"rates": {k: summarize(v) for k, v in rates.items()}, **extra}
@@ -239,6 +240,7 @@ def bench_scoring(settings: BenchSettings, artifact: str, texts: list[str], item
         result["predictor_vs_pipeline"] = ratio_of(rates, "predictor", "pipeline")
     if "label" in rates:
         result["label_vs_predictor"] = ratio_of(rates, "label", "predictor")
+        result["label_commit_seconds_per_partition"] = summarize(commit_seconds)
     if "label_large" in rates:
         result["label_large_vs_predictor_large"] = ratio_of(rates, "label_large", "predictor_large")
         result["label_per_row"] = per_run_and_per_row(len(texts), rates["label"], extra["large_rows"],
@@ -294,27 +296,51 @@ def per_run_and_per_row(small_rows: int, small_rates: list[float], large_rows: i
             "per_row_vs_predictor": statistics.median(marginal) / statistics.median(predictor_rates)}
 
 
-def label_job_runner(settings: BenchSettings, artifact: str, texts: list[str], ledger: Path) -> Callable[[], int]:
-    """jobs.label end to end (plan, both Ray Data passes, commit) on one local partition of the rows;
-    a fresh output and label cache per run, so every text is scored. The local Ray cluster is
-    started once beforehand: its start is not part of a run."""
+BENCH_CATALOG = "bench"
+
+
+def bench_catalog(work: Path) -> str:
+    """A pyiceberg SQL catalog on a SQLite file with its warehouse on local disk, configured the
+    pyiceberg way (environment variables), for the jobs.label runs of the bench."""
+    import os
+
+    (work / "warehouse").mkdir(parents=True, exist_ok=True)
+    for key, value in {"TYPE": "sql", "URI": f"sqlite:///{work / 'catalog.db'}",
+                       "WAREHOUSE": f"file://{work / 'warehouse'}"}.items():
+        os.environ[f"PYICEBERG_CATALOG__{BENCH_CATALOG.upper()}__{key}"] = value
+    return BENCH_CATALOG
+
+
+def label_job_runner(settings: BenchSettings, artifact: str, texts: list[str], ledger: Path,
+                     commit_seconds: list[float]) -> Callable[[], int]:
+    """jobs.label end to end (plan, both Ray Data passes, the Iceberg commit) on one local partition
+    of the rows, as `python -m jobs.label` runs it; a fresh table and label cache per run, so
+    every text is scored. Each run's time in its partition commit is appended to `commit_seconds`.
+    The local Ray cluster is started once beforehand: its start is not part of a run."""
     import pandas as pd
 
-    from jobs import label
+    from clf_core.artifact import open_artifact
+    from clf_core.labeling import LabelSettings, execute, plan
+    from clf_core.table import LabeledTable
 
     cores = ray_cores()
+    catalog = bench_catalog(ledger.parent)
     source = ledger / "dt=2024-01-31"
     source.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"line_id": range(len(texts)), "texts": texts}).to_parquet(source / "part-0.parquet", index=False)
+    version = open_artifact(artifact).model_version
     runs = iter(range(1_000_000))
 
     def run() -> int:
-        out = ledger.with_name(f"{ledger.name}-labeled-{next(runs)}")
-        code = label.main(["--model", artifact, "--input", str(ledger), "--output", str(out),
-                           "--batch-size", str(settings.batch_size), "--cpus-per-actor", str(cores),
-                           "--shuffle-partitions", "2"])
-        if code != 0:
-            raise RuntimeError(f"jobs.label exited with {code}")
+        n = next(runs)
+        job = LabelSettings(model=artifact, input=str(ledger), catalog=catalog, output_table=f"bench.{ledger.name.replace('-', '_')}_{n}",
+                            cache=str(ledger.with_name(f"{ledger.name}-cache-{n}")), batch_size=settings.batch_size,
+                            cpus_per_actor=cores, shuffle_partitions=2).validate()
+        table = LabeledTable(catalog, job.output_table)
+        summary = execute(job, plan(job, version, table), table, version)
+        if summary is None or not summary.ok:
+            raise RuntimeError(f"jobs.label failed: {summary.report() if summary else 'no run'}")
+        commit_seconds.append(summary.commit_seconds / max(1, len(summary.partitions_committed)))
         return len(texts)
 
     return run
@@ -660,6 +686,10 @@ def table(results: dict) -> str:
         for k, stats in s["rates"].items():
             row(names[k].format(large_rows=s.get("large_rows")) + (f" bs {s['pipeline_best_batch_size']}" if k == "pipeline" else ""),
                 stats, s["ratios"][k])
+        if s.get("label_commit_seconds_per_partition"):
+            c = s["label_commit_seconds_per_partition"]
+            lines.append(f"(4) jobs.label per-partition commit (footers + Iceberg transaction): median "
+                         f"{c['median']:.2f}s (min {c['min']:.2f}, max {c['max']:.2f}, {c['runs']} commits)")
         if s.get("label_per_row"):
             lr = s["label_per_row"]
             lines.append(f"(4) jobs.label split by the two sizes: {lr['per_run_seconds']['median']:.1f}s per run "

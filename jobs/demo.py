@@ -1,15 +1,19 @@
-"""The whole system on one laptop: train -> nightly labeling -> a second night from the cache.
+"""The whole system on one laptop: train -> nightly labeling into an Iceberg table -> a second night from the cache.
 
 Run as (after `make setup`; `make demo` does both):
 
     python -m jobs.demo                 # about 5 minutes on 2 CPU cores
-    python -m jobs.demo --smoke         # tiny backbone and data, under a minute (the tests run this)
+    python -m jobs.demo --smoke         # tiny backbone and data, about a minute (the tests run this)
+    python -m jobs.demo --stop          # stop the local S3 endpoint a demo left running
 
 The embedded default: a local Ray cluster, a real S3 endpoint on loopback (moto_server, started
-here unless AWS_ENDPOINT_URL already points somewhere) and the small offline MiniLM backbone.
-The same jobs run unchanged on a real cluster against S3 with Mistral-7B (README, "On a real
-cluster"). Everything it makes is copied under --workdir (default runs/demo) so it can be opened:
-the model's report and plots, the labeled partitions and their review files.
+here unless AWS_ENDPOINT_URL already points somewhere), a real Iceberg catalog (pyiceberg's SQL
+catalog on a SQLite file under --workdir, its warehouse on that endpoint) and the small offline
+MiniLM backbone. The same jobs run unchanged on a real cluster against S3, the Glue catalog and
+Mistral-7B (README, "On a real cluster"). The demo ends by printing three lines that read the
+labeled table with pyiceberg; the local S3 endpoint stays up for them until `--stop` (or the next
+demo, which replaces this one's state). The model's report and plots and the review CSVs are
+copied under --workdir (default runs/demo) so they can be opened.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from datetime import date, timedelta
@@ -27,6 +32,8 @@ log = logging.getLogger("jobs.demo")
 
 BUCKET = "ledger-demo"
 FIRST_NIGHT = date(2026, 11, 1)
+CATALOG, TABLE = "demo", "ledgers.labeled_lines"
+PID_FILE = "local-s3.pid"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +41,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="Local folder for this demo's state and outputs (replaced on each run).")
     p.add_argument("--nights", type=int, default=3, help="Nightly partitions in the first labeling run.")
     p.add_argument("--review-threshold", type=float, default=0.9,
-                   help="Rows whose confidence is below this are flagged needs_review and listed per partition.")
+                   help="Rows whose confidence is below this are flagged needs_review and exported per partition.")
     p.add_argument("--smoke", action="store_true", help="Tiny Mistral backbone and few rows: a test-sized run.")
+    p.add_argument("--stop", action="store_true", help="Stop the local S3 endpoint a previous demo left running, and exit.")
     return p
+
+
+def stop_local_s3(workdir: Path) -> bool:
+    """Stop the moto_server a previous demo in `workdir` left running (its pid file says which)."""
+    pid_file = workdir / PID_FILE
+    if not pid_file.exists():
+        return False
+    try:
+        os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)  # it runs in a session of its own
+        stopped = True
+    except (ProcessLookupError, ValueError, PermissionError):
+        stopped = False
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
+def write_catalog_config(workdir: Path, s3) -> dict[str, str]:
+    """The demo's catalog, configured the pyiceberg way: environment variables for this process
+    and its Ray workers, and .pyiceberg.yaml in the workdir for the reading snippet."""
+    settings = {"type": "sql", "uri": f"sqlite:///{workdir / 'catalog.db'}", "warehouse": f"s3://{BUCKET}/warehouse",
+                "py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO"}
+    for key, value in settings.items():
+        os.environ[f"PYICEBERG_CATALOG__{CATALOG.upper()}__{key.upper().replace('-', '_')}"] = value
+    yaml_settings = dict(settings)
+    if s3:  # the local endpoint and its dummy keys (moto accepts any): a reader outside this process needs them
+        yaml_settings.update({"s3.endpoint": s3.endpoint, "s3.access-key-id": s3.access_key_id,
+                              "s3.secret-access-key": s3.secret_access_key, "s3.region": "us-east-1"})
+    lines = ["catalog:", f"  {CATALOG}:"] + [f"    {k}: {v}" for k, v in yaml_settings.items()]
+    (workdir / ".pyiceberg.yaml").write_text("\n".join(lines) + "\n")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     args = build_parser().parse_args(argv)
+    workdir = Path(args.workdir).resolve()
+    if args.stop:
+        print("stopped the local S3 endpoint" if stop_local_s3(workdir) else f"no local S3 endpoint of a demo in {workdir}")
+        return 0
     if not 0.0 <= args.review_threshold <= 1.0:
         print(f"error: --review-threshold {args.review_threshold}: must be within [0, 1]", file=sys.stderr)
         return 2
     started = time.monotonic()
-    workdir = Path(args.workdir).resolve()
     if workdir.exists():
         print(f"replacing the previous demo state in {workdir}")
+        stop_local_s3(workdir)
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
 
@@ -63,13 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"using the configured S3 endpoint {os.environ['AWS_ENDPOINT_URL']}")
     else:
         s3 = LocalS3(log_path=workdir / "moto_server.log").start()
+        (workdir / PID_FILE).write_text(str(s3.process.pid))
         apply_env(s3.env)  # before Ray starts, so every worker inherits the endpoint
         print(f"started a local S3 endpoint (moto_server) at {s3.endpoint}")
+    ok = False
     try:
         bucket = s3.make_bucket(BUCKET) if s3 else f"s3://{BUCKET}"
+        write_catalog_config(workdir, s3)
         labeled = f"{bucket}/labeled/coa_income_expense.csv"
         storage.write_bytes(labeled, Path(sample_data_path()).read_bytes())
-        ledgers, model, output = f"{bucket}/ledgers", f"{bucket}/models/income-expense-v1", f"{bucket}/labeled-ledgers"
+        ledgers, model = f"{bucket}/ledgers", f"{bucket}/models/income-expense-v1"
+        cache, review = f"{bucket}/label-cache", f"{bucket}/review"
         size = {"properties": 2, "accounts_per_property": 10} if args.smoke else {}
         write_nights(ledgers, FIRST_NIGHT, args.nights, **size)
         print(f"loaded the labeled sample and {args.nights} nightly ledgers into {bucket}")
@@ -90,51 +136,65 @@ def main(argv: list[str] | None = None) -> int:
         if train_job.main(train_args) != 0:
             return 1
 
-        step(f"2/3 label {args.nights} nightly partitions (jobs.label)")
-        first = label(model, ledgers, output, args.review_threshold)
+        step(f"2/3 label {args.nights} nightly partitions into table {TABLE} (jobs.label)")
+        first = label(model, ledgers, cache, review, args.review_threshold)
 
         step("3/3 the next night: one new partition, scored from the label cache where possible")
         write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights), 1, new_accounts=8, **size)
-        second = label(model, ledgers, output, args.review_threshold)
-        if not (first.ok and second.ok):
+        second = label(model, ledgers, cache, review, args.review_threshold)
+        if not (first and second and first.ok and second.ok):
             return 1
 
         local = workdir / "outputs"
         storage.download_dir(model, local / "model")
-        storage.download_dir(output, local / "labeled-ledgers")
-        summarize(local, first, second, time.monotonic() - started)
+        storage.download_dir(review, local / "review")
+        summarize(local, workdir, first, second, time.monotonic() - started)
+        ok = True
         return 0
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-        if s3:
+        if s3 and not ok:  # on success it stays up for the snippet that reads the table
             s3.stop()
+            (workdir / PID_FILE).unlink(missing_ok=True)
 
 
 def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def label(model: str, ledgers: str, output: str, review_threshold: float):
+def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):
+    """`python -m jobs.label --model ... --input ... --catalog demo --output-table ledgers.labeled_lines
+    --cache ... --review-export ... --shuffle-partitions 4` (4 shuffle partitions suit 2 cores)."""
     from clf_core.artifact import open_artifact
     from clf_core.labeling import LabelSettings, execute, plan
+    from clf_core.table import LabeledTable
 
-    # Exactly what `python -m jobs.label --model ... --input ... --output ...` runs.
-    settings = LabelSettings(model=model, input=ledgers, output=output, review_threshold=review_threshold,
-                             shuffle_partitions=4).validate()
+    settings = LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,
+                             review_export=review, review_threshold=review_threshold, shuffle_partitions=4).validate()
     version = open_artifact(model).model_version
-    return execute(settings, plan(settings, version), version)[1]
+    table = LabeledTable(CATALOG, TABLE)
+    return execute(settings, plan(settings, version, table), table, version)
 
 
-def summarize(local: Path, first, second, seconds: float) -> None:
+def snippet(workdir: Path) -> list[str]:
+    """Three lines that read the labeled table with plain pyiceberg, as a user would."""
+    code = (f"from pyiceberg.catalog import load_catalog; df = load_catalog('{CATALOG}').load_table('{TABLE}')"
+            f".scan().to_pandas(); print(len(df), 'rows'); print(df[['dt', 'texts', 'label', 'confidence', "
+            f"'needs_review']].head(8).to_string())")
+    return [f"cd {workdir}", "export PYICEBERG_HOME=$PWD   # .pyiceberg.yaml here: the SQLite catalog + the local S3 endpoint",
+            f'{sys.executable} -c "{code}"']
+
+
+def summarize(local: Path, workdir: Path, first, second, seconds: float) -> None:
     import json
 
     metrics = json.loads((local / "model" / "metrics.json").read_text())
     manifest = json.loads((local / "model" / "manifest.json").read_text())
     test = metrics["test"]
-    reviews = sorted(local.glob("labeled-ledgers/**/_review.csv"))
+    reviews = sorted(local.glob("review/*.csv"))
     rows = first.rows_out + second.rows_out
     label_seconds = first.seconds + second.seconds
     print("\n=== summary")
@@ -142,11 +202,16 @@ def summarize(local: Path, first, second, seconds: float) -> None:
     print(f"  held-out macro-F1 {test['macro_f1']:.3f}, accuracy {test['accuracy']:.3f} ({test['rows']} rows)")
     print(f"  report: {local / 'model' / 'report.md'}")
     print(f"  plots:  {local / 'model' / 'confusion_matrix.png'}, {local / 'model' / 'curves.png'}")
-    print(f"labeled partitions: {local / 'labeled-ledgers'}")
-    print(f"  {rows} rows labeled in {label_seconds:.1f}s ({rows / max(label_seconds, 1e-9):.0f} rows/s)")
+    print(f"labeled table {TABLE} in catalog '{CATALOG}' ({workdir / 'catalog.db'}, warehouse s3://{BUCKET}/warehouse)")
+    print(f"  {rows} rows labeled in {label_seconds:.1f}s ({rows / max(label_seconds, 1e-9):.0f} rows/s), "
+          f"{first.review_rows + second.review_rows} need review")
     print(f"  night 2 scored {second.scored} new texts, {second.cache_hits} from the label cache")
-    print(f"  review files ({len(reviews)}): {reviews[0].parent if reviews else '-'}/_review.csv ...")
+    print(f"  review files ({len(reviews)}): {reviews[0].parent if reviews else '-'}/<partition>.csv")
     print(f"total {seconds:.0f}s")
+    print("\n=== read the labeled table with pyiceberg (the local S3 endpoint stays up until "
+          "`python -m jobs.demo --stop`):")
+    for line in snippet(workdir):
+        print(line)
 
 
 if __name__ == "__main__":

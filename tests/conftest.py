@@ -96,8 +96,39 @@ def s3_bucket(local_s3, request) -> str:
     return local_s3.make_bucket(name)
 
 
+CATALOG = "test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(local_s3):
+def iceberg_catalog(local_s3, tmp_path_factory) -> str:
+    """A real Iceberg catalog for the session: pyiceberg's SQL catalog on a SQLite file, its
+    warehouse on the local S3 endpoint. Configured the pyiceberg way (PYICEBERG_CATALOG__TEST__*),
+    before any Ray cluster starts, so workers and job subprocesses see the same configuration.
+    Iceberg I/O through s3fs (FsspecFileIO) honours the AWS_* endpoint variables, so readers that
+    open the catalog themselves (pyiceberg, Ray Data) reach the same endpoint. Returns its name."""
+    import os
+
+    warehouse = local_s3.make_bucket("iceberg-warehouse") + "/warehouse"
+    settings = {"TYPE": "sql", "URI": f"sqlite:///{tmp_path_factory.mktemp('catalog') / 'catalog.db'}",
+                "WAREHOUSE": warehouse, "PY_IO_IMPL": "pyiceberg.io.fsspec.FsspecFileIO"}
+    previous = {k: os.environ.get(k) for k in settings}
+    os.environ.update({f"PYICEBERG_CATALOG__{CATALOG.upper()}__{k}": v for k, v in settings.items()})
+    yield CATALOG
+    for k, v in previous.items():
+        os.environ.pop(f"PYICEBERG_CATALOG__{CATALOG.upper()}__{k}", None)
+
+
+@pytest.fixture
+def table_name(request) -> str:
+    """A fresh NAMESPACE.TABLE per test (the table is created by the first commit)."""
+    import re
+    import uuid
+
+    return "t." + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(local_s3, iceberg_catalog):
     """A real local Ray cluster for the session (after the S3 env is set, so workers inherit it).
 
     2 CPUs like this machine and CI; jobs give their actors fractional CPUs so Ray Data's read
@@ -113,20 +144,29 @@ def ray_cluster(local_s3):
     ray.shutdown()
 
 
+def train_tiny_artifact(directory, backbone: str, steps: int = 6) -> str:
+    from clf_core.data import stratified_split
+    from clf_core.recipe import train_classifier
+
+    cfg = ClassifierConfig.load(overrides={
+        "model.backbone": backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
+        "train.lr": 2e-3, "train.epochs": 1, "train.batch_size": 16, "train.max_steps": steps,
+    })
+    split = stratified_split(ledger_rows(128, seed=11), "label", cfg.train.split, seed=200)
+    train_classifier(cfg, split).save(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_backbone) -> str:
     """A tiny nf4 Mistral classifier saved as an artifact (local folder), for scoring tests.
 
     A few optimizer steps only: scoring tests check plumbing (every row once, the columns, the
     cache), not accuracy, which tests/test_train_predict.py covers."""
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    return train_tiny_artifact(tmp_path_factory.mktemp("scoring-artifact") / "model", tiny_backbone)
 
-    cfg = ClassifierConfig.load(overrides={
-        "model.backbone": tiny_backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.lr": 2e-3, "train.epochs": 1, "train.batch_size": 16, "train.max_steps": 6,
-    })
-    split = stratified_split(ledger_rows(128, seed=11), "label", cfg.train.split, seed=200)
-    directory = tmp_path_factory.mktemp("scoring-artifact") / "model"
-    train_classifier(cfg, split).save(directory)
-    return str(directory)
+
+@pytest.fixture(scope="session")
+def second_artifact(tmp_path_factory, tiny_backbone) -> str:
+    """Another model version (fewer steps, other weights): what a backfill relabels with."""
+    return train_tiny_artifact(tmp_path_factory.mktemp("scoring-artifact-2") / "model", tiny_backbone, steps=4)

@@ -62,6 +62,9 @@ def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_
     assert scoring["large_rows"] == 2 * scoring["rows"]
     assert scoring["rates"]["label_large"]["median"] > 0 and scoring["label_large_vs_predictor_large"] > 0
     assert "label_per_row" in scoring
+    # every run's partition commit was timed: one per round of each ledger size
+    commits = scoring["label_commit_seconds_per_partition"]
+    assert commits["runs"] == 2 * scoring["rates"]["label"]["runs"] and 0 < commits["median"] < 60
     assert result["train"]["epoch_seconds"]["ray_train"]["median"] > 0 and result["train"]["ratio"] > 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from clf_core.sample_ledgers import BAD_TEXTS, ledger_partition
@@ -32,31 +33,41 @@ def test_sample_ledgers_read_like_the_seed_and_repeat_across_nights():
 
 
 @pytest.mark.integration
-def test_demo_smoke_runs_end_to_end(tmp_path):
+def test_demo_smoke_runs_end_to_end_and_its_snippet_reads_every_row(tmp_path):
     workdir = tmp_path / "demo"
     (workdir / "outputs").mkdir(parents=True)
     (workdir / "outputs" / "stale-from-last-run.txt").write_text("old")  # as a previous run leaves it
+    (workdir / "local-s3.pid").write_text("999999999")  # a previous demo's endpoint, long gone
     cmd = [sys.executable, "-m", "jobs.demo", "--smoke", "--workdir", str(workdir), "--nights", "2"]
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS", "PYICEBERG_"))}
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    out = first.stdout
-    assert "=== summary" in out and "held-out macro-F1" in out and "rows/s" in out
-    outputs = workdir / "outputs"
-    for name in ("report.md", "metrics.json", "confusion_matrix.png", "curves.png"):
-        assert (outputs / "model" / name).stat().st_size > 0
-    partitions = sorted(p.name for p in (outputs / "labeled-ledgers").glob("dt=*"))
-    assert partitions == ["dt=2026-11-01", "dt=2026-11-02", "dt=2026-11-03"]
-    for part in partitions:
-        folder = outputs / "labeled-ledgers" / part
-        assert (folder / "_SUCCESS").exists()
-        assert (folder / "_review.csv").exists()
-        table = pq.read_table(next(folder.glob("_attempts/*/*.parquet")))
-        assert {"label", "confidence", "needs_review", "model_version"} <= set(table.column_names)
-    png = (outputs / "model" / "confusion_matrix.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    # the second night came (partly) from the label cache
-    assert "from the label cache" in out and "night 2 scored" in out
-    # a run over a previous run's state replaces it cleanly and says so
-    assert "replacing the previous demo state" in out
-    assert not (outputs / "stale-from-last-run.txt").exists()
+    try:
+        assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+        out = first.stdout
+        outputs = workdir / "outputs"
+        for name in ("report.md", "metrics.json", "confusion_matrix.png", "curves.png"):
+            assert (outputs / "model" / name).stat().st_size > 0
+        assert (outputs / "model" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        reviews = sorted(p.name for p in (outputs / "review").glob("*.csv"))
+        assert reviews == ["dt=2026-11-01.csv", "dt=2026-11-02.csv", "dt=2026-11-03.csv"]
+        labeled_rows = int(re.search(r"^  (\d+) rows labeled in", out, re.M).group(1))
+        night2 = re.search(r"night 2 scored (\d+) new texts, (\d+) from the label cache", out)
+        assert night2 and int(night2.group(2)) > 0, "the second night took nothing from the cache"
+        # a run over a previous run's state replaces it cleanly and says so
+        assert "replacing the previous demo state" in out
+        assert not (outputs / "stale-from-last-run.txt").exists()
+
+        # The snippet it prints, run as printed in a fresh shell, shows every labeled row.
+        lines = out.split("=== read the labeled table with pyiceberg", 1)[1].splitlines()[1:]
+        assert len([l for l in lines if l.strip()]) == 3, lines
+        shell_env = {k: v for k, v in env.items() if k != "PYICEBERG_HOME"}
+        read = subprocess.run(["bash", "-c", "\n".join(lines)], env=shell_env, capture_output=True, text=True,
+                              timeout=120)
+        assert read.returncode == 0, read.stdout[-2000:] + read.stderr[-2000:]
+        assert re.search(rf"^{labeled_rows} rows$", read.stdout, re.M), read.stdout[-2000:]
+        assert "needs_review" in read.stdout
+    finally:
+        stopped = subprocess.run([*cmd[:3], "--workdir", str(workdir), "--stop"], cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=60)
+    assert "stopped the local S3 endpoint" in stopped.stdout
+    assert not (workdir / "local-s3.pid").exists()

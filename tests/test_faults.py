@@ -1,7 +1,8 @@
 """Fault injection (issue 7): S3 that fails and stalls, fuzzed ledgers, secrets that never leak.
 
 1. S3 faults come from clf_core.fault_proxy, a reverse proxy in front of the session's real
-   moto_server. The in-process storage tests point s3fs at it through fsspec's config; the job
+   moto_server. The in-process storage tests point s3fs at it through fsspec's config, and the
+   Iceberg table's I/O through a catalog of its own whose `s3.endpoint` is the proxy; the job
    runs are separate driver processes joined to the session's Ray cluster (as `ray job submit`
    entrypoints are), whose workers learn the proxy's URL from the job's runtime_env: the same
    route `ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": ...}}'` takes.
@@ -28,8 +29,9 @@ import tempfile
 import time
 import uuid
 import zlib
+from datetime import date
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import fsspec
 import pandas as pd
@@ -44,12 +46,13 @@ from clf_core import storage
 from clf_core.fault_proxy import FaultProxy, Faults
 from clf_core.label_cache import LabelCache
 from clf_core.labeling import LabelSettings, plan
-from clf_core.partitions import (ATTEMPTS, MANIFEST, Partition, StageWriter, commit, committed_files, merge_schemas,
-                                 read_committed)
+from clf_core.partitions import merge_schemas
 from clf_core.scoring import TEXT, ApplyLabels, check_text, distinct_valid_texts
+from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
 from test_cluster import find_secrets
-from test_label import assert_exactly_once, job_args, last_run, ledger_day, manifests, write_partition
+from test_label import (assert_exactly_once, commit_rows, commits, figures, job_args, labeled_rows, ledger_day,
+                        read_labeled, write_partition)
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = ["2024-05-01", "2024-05-02"]
@@ -104,15 +107,26 @@ def run_job(ray_cluster, module: str, args: list[str], endpoint: str | None = No
                           text=True, timeout=timeout)
 
 
-def labeled(output: str) -> pd.DataFrame:
+def labeled(catalog: str, table: str) -> pd.DataFrame:
     """The committed rows, in a canonical order, with the columns a run decides."""
-    out = read_committed(output)
+    out = read_labeled(catalog, table)
     return out.sort_values("row_id").reset_index(drop=True)[
         ["row_id", "dt", "texts", "label", "confidence", "error", "needs_review"]]
 
 
-def assert_same_labels(output: str, reference: str) -> None:
-    got, want = labeled(output), labeled(reference)
+def proxied_catalog(monkeypatch, proxy: FaultProxy, tmp_path, warehouse: str, name: str = "faults") -> str:
+    """A catalog of its own (SQLite file, warehouse in `warehouse`) whose Iceberg I/O goes through
+    the proxy, with 1 s timeouts so stalls cost little; configured the pyiceberg way."""
+    settings = {"TYPE": "sql", "URI": f"sqlite:///{tmp_path / (name + '.db')}", "WAREHOUSE": warehouse,
+                "PY_IO_IMPL": "pyiceberg.io.fsspec.FsspecFileIO", "S3__ENDPOINT": proxy.url,
+                "S3__CONNECT_TIMEOUT": "1", "S3__REQUEST_TIMEOUT": "1"}
+    for key, value in settings.items():
+        monkeypatch.setenv(f"PYICEBERG_CATALOG__{name.upper()}__{key}", value)
+    return name
+
+
+def assert_same_labels(catalog: str, table: str, reference_table: str) -> None:
+    got, want = labeled(catalog, table), labeled(catalog, reference_table)
     assert got["row_id"].is_unique, "a row was committed twice"
     pd.testing.assert_frame_equal(got.drop(columns="confidence"), want.drop(columns="confidence"))
     assert (got["confidence"] - want["confidence"]).abs().max() < 1e-4
@@ -229,39 +243,48 @@ def test_storage_and_commit_survive_slowdowns_and_stalls_with_default_retries(lo
     back = storage.download_dir(f"{out}/model", tmp_path / "back")
     assert {rel: (back / rel).read_bytes() for rel in files} == files
 
-    rows = pa.table({"texts": [f"Rent {i}" for i in range(30)], "error": [None] * 29 + ["text is null"],
-                     "dt": [DAYS[i % 2] for i in range(30)]})
-    records = StageWriter(f"{out}/labeled", "run-1")(rows).to_pylist()
-    for day in DAYS:
-        mine = [r for r in records if r["partition"] == f"dt={day}"]
-        commit(f"{out}/labeled", Partition(f"dt={day}", day, [f"in/{day}.parquet"], rows=15), mine, {"run_id": "run-1"})
-    got = read_committed(f"{out}/labeled").sort_values("texts")
-    assert sorted(got["texts"]) == sorted(rows["texts"].to_pylist()) and got["texts"].is_unique
+    # The Iceberg side: data files written, a partition committed twice (the second replacing the
+    # first), the table read back, every request through the faulty proxy.
+    catalog = proxied_catalog(monkeypatch, proxy, tmp_path, f"{out}/warehouse")
+    for k, day in enumerate(DAYS):
+        commit_rows(catalog, "faults.labeled", day, labeled_rows([f"Rent {i}" for i in range(15)],
+                                                                 [1000 * k + i for i in range(15)]))
+    outcome, record = commit_rows(catalog, "faults.labeled", DAYS[0], labeled_rows(["Gas", "Water"], [100, 101]),
+                                  planned_on=commits(catalog, "faults.labeled")[f"dt={DAYS[0]}"])
+    assert outcome == "committed"
+    got = read_labeled(catalog, "faults.labeled")
+    assert sorted(got["row_id"]) == [100, 101] + [1000 + i for i in range(15)] and got["row_id"].is_unique
+    assert set(got.loc[got.dt == DAYS[0], "texts"]) == {"Gas", "Water"}
     for kind in ("read", "write"):
         assert proxy.injected_total("503", kind) > 0, f"no {kind} was failed: the test proved nothing"
     assert proxy.injected_total("stall") > 0, "no request was stalled: the test proved nothing"
 
 
-def test_a_refused_commit_leaves_nothing_visible_and_a_later_commit_completes(local_s3, proxy, monkeypatch):
-    """Every PUT of `_SUCCESS` refused past the retries: the data files are staged but no reader
-    sees a row; once S3 is healthy, committing the same files makes the partition whole."""
-    out = local_s3.make_bucket(f"commit-{uuid.uuid4().hex[:8]}") + "/labeled"
-    proxy.set_faults(write_error=1.0, path=r"/_SUCCESS$")
-    use_proxy_here(monkeypatch, proxy, retries={"max_attempts": 1})  # only s3fs's own 5 tries: fails in seconds
-    rows = pa.table({"texts": ["Rent", "Gas", "Water"], "error": [None, None, None], "dt": [DAYS[0]] * 3})
-    records = StageWriter(out, "run-1")(rows).to_pylist()
-    partition = Partition(f"dt={DAYS[0]}", DAYS[0], ["in/a.parquet"], rows=3)
-    with pytest.raises(OSError, match="reduce your request rate"):
-        commit(out, partition, records, {"run_id": "run-1"})
+def test_a_refused_commit_leaves_nothing_visible_and_a_later_commit_completes(local_s3, proxy, monkeypatch, tmp_path):
+    """Every write of table metadata refused past the retries: the data files are stored but no
+    reader sees a row; once S3 is healthy, committing the same files makes the partition whole."""
+    warehouse = local_s3.make_bucket(f"commit-{uuid.uuid4().hex[:8]}") + "/warehouse"
+    catalog = proxied_catalog(monkeypatch, proxy, tmp_path, warehouse)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # only s3fs's own 5 tries per call: fails in seconds
+    labeled = LabeledTable(catalog, "faults.refused")
+    rows = labeled_rows(["Rent", "Gas", "Water"], [1, 2, 3])
+    labeled.ensure(rows.drop_columns(["label", "confidence", "model_version", "labeled_at", "error", "needs_review"]).schema,
+                   key_is_date=True)
+    written = WriteDataFiles(**labeled.writer_spec())(rows.append_column("dt", pa.array([DAYS[0]] * 3))).to_pylist()
+    record = PartitionCommit(f"dt={DAYS[0]}", "run-1", "v1", (("in/a.parquet", 1, "e"),), 3, 0, 0)
+    proxy.set_faults(write_error=1.0, path=r"/metadata/")
+    with pytest.raises(CommitError, match="not committed after 2 attempts: .*reduce your request rate"):
+        labeled.commit_partition(f"dt={DAYS[0]}", DAYS[0], [w["path"] for w in written], 3, record, None,
+                                 lambda theirs: False, attempts=2)
     assert proxy.injected_total("503", "write") >= 2
-    staged = [p for p in direct_fs(local_s3).find(out[5:]) if f"/{ATTEMPTS}/" in p]
-    assert len(staged) == 1, "the data file should be staged: that is what must stay invisible"
-    assert committed_files(out) == {} and read_committed(out).empty
-    assert not direct_fs(local_s3).exists(f"{out[5:]}/dt={DAYS[0]}/{MANIFEST}")
+    assert all(direct_fs(local_s3).exists(w["path"][5:]) for w in written), "the data files should be stored"
+    assert read_labeled(catalog, "faults.refused").empty and LabeledTable(catalog, "faults.refused").commits() == {}
 
     proxy.heal()
-    commit(out, partition, records, {"run_id": "run-1"})
-    assert sorted(read_committed(out)["texts"]) == ["Gas", "Rent", "Water"]
+    outcome, _ = LabeledTable(catalog, "faults.refused").commit_partition(
+        f"dt={DAYS[0]}", DAYS[0], [w["path"] for w in written], 3, record, None, lambda theirs: False)
+    assert outcome == "committed"
+    assert sorted(read_labeled(catalog, "faults.refused")["texts"]) == ["Gas", "Rent", "Water"]
 
 
 # ---- 1. jobs.label through the proxy (real Ray) ---------------------------------------------------
@@ -277,61 +300,71 @@ def ledgers(local_s3) -> tuple[str, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def outage(ray_cluster, local_s3, ledgers, tiny_artifact) -> dict:
+def outage(ray_cluster, local_s3, iceberg_catalog, ledgers, tiny_artifact) -> dict:
     """S3 refuses every write (503 SlowDown) for longer than the retries last: a run; then S3 is
     healthy again (the proxy forwards everything): a re-run. The re-run is also the fault-free
     reference the other tests compare with, and its output is scanned for secrets."""
     src, _ = ledgers
-    out = src.rsplit("/", 1)[0] + "/outage"
+    bucket = src.rsplit("/", 1)[0]
+    table, cache = f"t.outage_{uuid.uuid4().hex[:6]}", f"{bucket}/outage-cache"
     with FaultProxy(local_s3.endpoint, seed=3, faults=Faults(write_error=1.0)) as proxy:
         # AWS_MAX_ATTEMPTS=1 leaves s3fs's own 5 tries per call, so the budget runs out in seconds
         # (by default: 5 botocore attempts within each of those 5 tries, about 40s per call).
-        failed = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, out), endpoint=proxy.url,
-                         worker_env={"AWS_MAX_ATTEMPTS": "1"})
+        failed = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, iceberg_catalog, table, cache),
+                         endpoint=proxy.url, worker_env={"AWS_MAX_ATTEMPTS": "1"})
+        fs = direct_fs(local_s3)
         during = {"injected_writes": proxy.injected_total("503", "write"),
                   "writes_forwarded": sum(proxy.forwarded[m] for m in ("PUT", "POST", "DELETE")),
-                  "stored": direct_fs(local_s3).exists(out[5:])}
+                  "stored": fs.exists(cache[5:]) or fs.exists(f"iceberg-warehouse/warehouse/t/{table[2:]}"),
+                  "table_after_failure": LabeledTable(iceberg_catalog, table).table is not None}
         proxy.heal()
-        healed = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, out), endpoint=proxy.url)
+        healed = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, iceberg_catalog, table, cache,
+                                                             "--review-export", f"{bucket}/outage-review"),
+                         endpoint=proxy.url)
         during["injected_after_heal"] = proxy.injected_total() - during["injected_writes"]
-    return {"out": out, "failed": failed, "healed": healed, **during}
+    return {"table": table, "cache": cache, "review": f"{bucket}/outage-review", "failed": failed, "healed": healed,
+            **during}
 
 
 @pytest.mark.integration
-def test_label_job_when_every_write_fails_commits_nothing_then_reruns_exactly_once(outage, ledgers):
+def test_label_job_when_every_write_fails_commits_nothing_then_reruns_exactly_once(outage, ledgers, iceberg_catalog):
     failed, report = outage["failed"], outage["failed"].stdout + outage["failed"].stderr
     assert failed.returncode == 1, report[-4000:]
-    assert re.search(r"labeled 0 partition\(s\), skipped 0, failed 2 \| rows in 60, out 0", failed.stdout), report[-4000:]
-    for day in DAYS:  # the cause, from inside the Ray task (not the retry hint of Ray's wrapper)
+    assert re.search(r"labeled 0 partition\(s\), skipped 0, left to another run 0, failed 2 \| rows in 60, out 0",
+                     failed.stdout), report[-4000:]
+    for day in DAYS:  # the cause, named (the table could not even be created)
         assert re.search(rf"FAILED dt={day}: the labeling pipeline failed: OSError: .*Please reduce your request rate",
                          failed.stdout), failed.stdout[-3000:]
-    assert re.search(r"FAILED could not write the run record .*/outage/_runs/", failed.stdout)
     assert outage["injected_writes"] > 0 and outage["writes_forwarded"] == 0
-    assert not outage["stored"], "nothing at all may be stored while every write fails"
+    assert not outage["stored"] and not outage["table_after_failure"], "nothing may be stored while every write fails"
 
     healed = outage["healed"]
     assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-3000:]
     assert outage["injected_after_heal"] == 0
     src, inputs = ledgers
-    assert_exactly_once(outage["out"], inputs)
-    assert set(manifests(outage["out"])) == {f"dt={d}" for d in DAYS}
-    assert last_run(outage["out"])["rows_out"] == len(inputs)
+    assert_exactly_once(iceberg_catalog, outage["table"], inputs)
+    assert set(commits(iceberg_catalog, outage["table"])) == {f"dt={d}" for d in DAYS}
+    assert figures(healed.stdout)["rows_out"] == len(inputs)
 
 
 @pytest.mark.integration
-def test_label_job_through_20pct_slowdowns_matches_a_fault_free_run(ray_cluster, ledgers, outage, tiny_artifact, proxy):
+def test_label_job_through_20pct_slowdowns_matches_a_fault_free_run(ray_cluster, ledgers, outage, tiny_artifact, proxy,
+                                                                   iceberg_catalog):
     src, inputs = ledgers
-    out = src.rsplit("/", 1)[0] + "/through-faults"
+    table, cache = f"t.through_faults_{uuid.uuid4().hex[:6]}", src.rsplit("/", 1)[0] + "/through-faults-cache"
     proxy.set_faults(read_error=0.2, write_error=0.2)
-    done = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, out), endpoint=proxy.url)
+    done = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, iceberg_catalog, table, cache),
+                   endpoint=proxy.url)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert proxy.injected_total("503", "read") > 0 and proxy.injected_total("503", "write") > 0
-    # The workers' traffic went through the proxy too: only Ray tasks stage files and fill the cache.
-    puts = [path for method, path, _ in proxy.log if method == "PUT"]
-    assert any(f"/{ATTEMPTS}/" in p for p in puts) and any("/_label_cache/" in p for p in puts)
-    assert_exactly_once(out, inputs)
-    assert_same_labels(out, outage["out"])
-    assert set(manifests(out)) == {f"dt={d}" for d in DAYS}
+    # The workers' traffic went through the proxy too: only Ray tasks write data files and fill the
+    # cache; the driver writes the table's metadata.
+    puts = [unquote(path) for method, path, _ in proxy.log if method == "PUT"]
+    assert any("/data/dt=" in p for p in puts) and any("/through-faults-cache/" in p for p in puts)
+    assert any(p.endswith(".metadata.json") for p in puts)
+    assert_exactly_once(iceberg_catalog, table, inputs)
+    assert_same_labels(iceberg_catalog, table, outage["table"])
+    assert set(commits(iceberg_catalog, table)) == {f"dt={d}" for d in DAYS}
 
 
 # ---- 2. fuzzed ledgers ----------------------------------------------------------------------------
@@ -434,9 +467,10 @@ def label_like_the_job(partition: Partition, run_schema: pa.Schema, work: Path) 
     return ApplyLabels(str(work / "cache"), "v-fuzz", "texts", MAX_CHARS, "2024-05-01T00:00:00+00:00")(table)
 
 
-@settings(max_examples=80, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(fuzzed_partition())
-def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(files):
+def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(iceberg_catalog, files):
     good = pa.table({"row_id": pa.array([1, 2, 3], pa.int64()), "texts": ["Rent", "Gas", None],
                      "amount": pa.array([1, 2, 3], pa.int64())})
     sink = pa.BufferOutputStream()
@@ -446,8 +480,9 @@ def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(files):
         write_local(root, "2024-05-01", [sink.getvalue().to_pybytes()])
         paths = write_local(root, "2024-05-02", [data for _, data in files])
         write_local(root, "2024-05-03", [sink.getvalue().to_pybytes()])
-        cfg = LabelSettings(model="m", input=str(root), output=str(Path(tmp) / "out"), max_text_chars=MAX_CHARS).validate()
-        pl = plan(cfg, "v-fuzz")
+        cfg = LabelSettings(model="m", input=str(root), catalog=iceberg_catalog, output_table="t.fuzz",
+                            cache=str(Path(tmp) / "cache"), max_text_chars=MAX_CHARS).validate()
+        pl = plan(cfg, "v-fuzz", LabeledTable(iceberg_catalog, "t.fuzz"))  # a table not made yet
 
         mutations = [m for m, _ in files]
         assert [p.name for p in pl.todo if p.name != "dt=2024-05-02"] == ["dt=2024-05-01", "dt=2024-05-03"], \
@@ -476,12 +511,12 @@ def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(files):
             assert (lab, error) == (("Income", None) if text is not None else (None, why)), (value, lab, error)
 
 
-def test_type_drift_fails_only_its_partition_by_name(s3_bucket):
+def test_type_drift_fails_only_its_partition_by_name(s3_bucket, iceberg_catalog, table_name):
     """Ray Data reads a run's files as one dataset and fails the whole run, naming no file, on a
     column whose type differs between files ("Unable to merge: Field texts has incompatible
     types"). The plan refuses such a partition by name before Ray starts, as it does a corrupt
     file; test_label.py's real run shows the other partitions are then labeled and committed."""
-    src, out = f"{s3_bucket}/ledgers", f"{s3_bucket}/labeled"
+    src = f"{s3_bucket}/ledgers"
     days = ["2024-06-01", "2024-06-02", "2024-06-03", "2024-06-04"]
     write_partition(src, days[0], ledger_day(20, 0))
     write_partition(src, days[1], ledger_day(20, 1))
@@ -491,9 +526,11 @@ def test_type_drift_fails_only_its_partition_by_name(s3_bucket):
     # columns may differ (missing ones read as null), compatible types too: this one is labeled
     write_partition(src, days[2], ledger_day(20, 2).drop(columns="amount").assign(memo="m"))
     write_partition(src, days[3], ledger_day(20, 3).astype({"amount": "string"}), files=1)  # fine alone, not with the run
-    cfg = LabelSettings(model="m", input=src, output=out).validate()
+    cfg = LabelSettings(model="m", input=src, catalog=iceberg_catalog, output_table=table_name,
+                        cache=f"{s3_bucket}/cache").validate()
+    table = LabeledTable(iceberg_catalog, table_name)
 
-    pl = plan(cfg, "v1")
+    pl = plan(cfg, "v1", table)
     assert [p.name for p in pl.todo] == [f"dt={days[0]}", f"dt={days[2]}"]
     assert re.fullmatch(rf"{re.escape(src)}/dt={days[1]}/part-1.parquet does not match the other files of "
                         rf"dt={days[1]} \(first: .*/part-0.parquet\): Unable to merge: Field texts has incompatible "
@@ -501,11 +538,17 @@ def test_type_drift_fails_only_its_partition_by_name(s3_bucket):
     assert re.fullmatch(rf"{re.escape(src)}/dt={days[3]}/part-0.parquet does not match the partitions planned before "
                         rf"it in this run \(first: .*dt={days[0]}/part-0.parquet\): Unable to merge: Field amount has "
                         rf"incompatible types: .*re-run labels dt={days[3]} on its own\.", pl.failed[f"dt={days[3]}"])
-    # As that message says: once the others are committed, the next run plans it on its own.
-    for p in pl.todo:
-        storage.write_bytes(f"{out}/{p.name}/{MANIFEST}", b'{"model_version": "v1", "files": []}')
-    again = plan(cfg, "v1")
-    assert [p.name for p in again.todo] == [f"dt={days[3]}"] and set(again.failed) == {f"dt={days[1]}"}
+    # As that message says: planned without the others (as once they are committed), it is labeled.
+    again = plan(cfg, "v1", table, start=date.fromisoformat(days[3]), end=date.fromisoformat(days[3]))
+    assert [p.name for p in again.todo] == [f"dt={days[3]}"] and not again.failed
+
+    # Once the table exists, a file whose column cannot be stored in its column type is refused
+    # by name too (the table says amount is a long; this file's amount is text).
+    table.ensure(pl.schema, key_is_date=True)
+    misfit = plan(cfg, "v1", table, start=date.fromisoformat(days[3]), end=date.fromisoformat(days[3]))
+    assert not misfit.todo and re.fullmatch(
+        rf"{re.escape(src)}/dt={days[3]}/part-0.parquet does not fit table {table_name}: .*amount.*\. Rewrite the "
+        rf"file with the table's column types\.", misfit.failed[f"dt={days[3]}"])
 
 
 # ---- 3. secrets -----------------------------------------------------------------------------------
@@ -525,7 +568,7 @@ def test_the_leak_scan_can_fail():
 
 
 @pytest.mark.integration
-def test_no_output_log_or_ray_file_holds_the_aws_secret(ray_cluster, local_s3, outage, tiny_backbone):
+def test_no_output_log_or_ray_file_holds_the_aws_secret(ray_cluster, local_s3, iceberg_catalog, outage, tiny_backbone):
     """Two jobs.label runs (one failing on S3 errors, one completing) and a jobs.train run, all
     holding the session's fake AWS keys like a node's credentials: the secret is in no captured
     output, no object they wrote, no file of the Ray session; the key id is in no output or object."""
@@ -560,12 +603,16 @@ def test_no_output_log_or_ray_file_holds_the_aws_secret(ray_cluster, local_s3, o
         scan(f"{name} stdout", run.stdout.encode())
         scan(f"{name} stderr", run.stderr.encode())
     direct = direct_fs(local_s3)
-    objects = direct.find(outage["out"].split("/", 3)[2]) + direct.find(bucket[5:])
-    assert any(p.endswith(MANIFEST) for p in objects) and any(p.endswith("_review.csv") for p in objects)
-    assert any(p.endswith("metrics.json") for p in objects) and any("/_runs/" in p for p in objects)
-    assert any("checkpoint_" in p for p in objects)
+    table_dir = LabeledTable(iceberg_catalog, outage["table"]).table.location().split("://", 1)[1]
+    objects = (direct.find(table_dir) + direct.find(outage["cache"][5:]) + direct.find(outage["review"][5:])
+               + direct.find(bucket[5:]))
+    assert any(p.endswith(".metadata.json") for p in objects) and any("/data/dt=" in p for p in objects)
+    assert any(p.endswith(".csv") for p in objects) and any(p.endswith(".avro") for p in objects)
+    assert any(p.endswith("metrics.json") for p in objects) and any("checkpoint_" in p for p in objects)
     for path in objects:
         scan(f"s3://{path}", direct.cat(path))
+    catalog_file = os.environ[f"PYICEBERG_CATALOG__{iceberg_catalog.upper()}__URI"].removeprefix("sqlite:///")
+    scan("the SQLite catalog", Path(catalog_file).read_bytes())
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     files = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink()]
     assert any(p.suffix in (".log", ".out", ".err") for p in files)

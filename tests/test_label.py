@@ -1,13 +1,14 @@
-"""jobs.label / jobs.backfill: Ray Data labels Hive-partitioned ledgers in S3, exactly once.
+"""jobs.label / jobs.backfill: Ray Data labels Hive-partitioned ledgers in S3 into an Iceberg table.
 
 Unit tests of the pieces (no Ray) come first; the integration tests then run the real jobs on the
-session's local Ray cluster against the local S3 endpoint (moto_server), with the tiny nf4 model.
+session's local Ray cluster against the local S3 endpoint (moto_server) and a real catalog
+(pyiceberg's SQL catalog on SQLite, warehouse on that endpoint), with the tiny nf4 model.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,26 +21,27 @@ import pyarrow.parquet as pq
 import pytest
 
 from clf_core import storage
-from clf_core.labeling import LabelSettings, plan
-from clf_core.partitions import (ATTEMPTS, MANIFEST, CommitError, Partition, StageWriter, commit, committed_files,
-                                 read_committed)
+from clf_core.labeling import LabelSettings
 from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
+from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
 from jobs import backfill, label
+from jobs import table as table_job
 
 DAYS = ["2024-03-01", "2024-03-02", "2024-03-03"]
 FAST = ["--batch-size", "16", "--shuffle-partitions", "2", "--cpus-per-actor", "0.5"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- helpers --------------------------------------------------------------------------------------
 
-def write_partition(root: str, day: str, table: pd.DataFrame | pa.Table, files: int = 2) -> None:
+def write_partition(root: str, day: str, table: pd.DataFrame | pa.Table, files: int = 2, name: str = "part") -> None:
     """One dt=<day>/ folder of `files` Parquet files holding `table`'s rows."""
     table = table if isinstance(table, pa.Table) else pa.Table.from_pandas(table, preserve_index=False)
     fs, base = storage.filesystem(root)
     step = -(-table.num_rows // files)
     for i in range(files):
-        path = f"{base}/dt={day}/part-{i}.parquet"
+        path = f"{base}/dt={day}/{name}-{i}.parquet"
         if not storage.is_remote(root):
             fs.makedirs(os.path.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as f:
@@ -56,47 +58,86 @@ def ledger_day(n: int, day_index: int, pool: list[str] | None = None) -> pd.Data
     return df
 
 
-def last_run(output: str) -> dict:
-    fs, path = storage.filesystem(storage.join(output, "_runs"))
-    fs.invalidate_cache()
-    newest = sorted(fs.ls(path))[-1]
-    with fs.open(newest) as f:
-        return json.load(f)
+def open_table(catalog: str, identifier: str) -> LabeledTable:
+    return LabeledTable(catalog, identifier)
 
 
-def manifests(output: str) -> dict[str, dict]:
-    fs, root = storage.filesystem(output)
-    fs.invalidate_cache()
-    out = {}
-    for entry in fs.ls(root):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("dt=") and fs.exists(f"{entry}/{MANIFEST}"):
-            with fs.open(f"{entry}/{MANIFEST}") as f:
-                out[name] = json.load(f)
-    return out
+def read_labeled(catalog: str, identifier: str, **scan) -> pd.DataFrame:
+    """The table as a pandas user reads it (pyiceberg scan), dt as the input's YYYY-MM-DD text."""
+    table = open_table(catalog, identifier).table
+    if table is None:
+        return pd.DataFrame()
+    out = table.scan(**scan).to_pandas()
+    return out.assign(dt=out["dt"].astype(str)) if "dt" in out else out
 
 
-def assert_exactly_once(output: str, inputs: pd.DataFrame) -> pd.DataFrame:
-    """Every input row appears once in the committed output, with its input columns unchanged."""
-    out = read_committed(output)
+def commits(catalog: str, identifier: str) -> dict[str, PartitionCommit]:
+    return open_table(catalog, identifier).commits()
+
+
+def snapshot_count(catalog: str, identifier: str) -> int:
+    return len(open_table(catalog, identifier).table.snapshots())
+
+
+def assert_exactly_once(catalog: str, identifier: str, inputs: pd.DataFrame) -> pd.DataFrame:
+    """Every input row appears once in the table, with its input columns unchanged, and the table
+    holds the input's columns (as Iceberg types) + the labeling columns + dt (an Iceberg date)."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.types import DateType
+
+    out = read_labeled(catalog, identifier)
     assert out["row_id"].is_unique, "a row was written twice"
     assert sorted(out["row_id"]) == sorted(inputs["row_id"])
     merged = inputs.merge(out, on="row_id", suffixes=("", "_out"))
     for column in inputs.columns.drop("row_id"):
         pd.testing.assert_series_equal(merged[column], merged[f"{column}_out"], check_names=False, check_dtype=False)
-    # Types are checked on the Arrow schema: pandas metadata is not carried, the Parquet types are.
-    written = pa.Table.from_pandas(inputs.drop(columns="dt"), preserve_index=False).schema.remove_metadata()
-    for uris in committed_files(output).values():
-        fs, path = storage.filesystem(uris[0])
-        with fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
-        assert schema.names == written.names + list(OUTPUT_COLUMNS)
-        assert [schema.field(n).type for n in written.names] == written.types
+    schema = open_table(catalog, identifier).table.schema()
+    wanted = Catalog._convert_schema_if_needed(pa.Table.from_pandas(inputs.drop(columns="dt"), preserve_index=False).schema)
+    assert [f.name for f in schema.fields][:len(wanted.fields)] == [f.name for f in wanted.fields]
+    assert [schema.find_field(f.name).field_type for f in wanted.fields] == [f.field_type for f in wanted.fields]
+    assert set(OUTPUT_COLUMNS) | {"dt"} <= {f.name for f in schema.fields}
+    assert isinstance(schema.find_field("dt").field_type, DateType)
     return out
 
 
-def job_args(model, input_, output, *extra):
-    return ["--model", model, "--input", input_, "--output", output, *FAST, *extra]
+def job_args(model, input_, catalog, table, cache, *extra):
+    return ["--model", model, "--input", input_, "--catalog", catalog, "--output-table", table, "--cache", cache,
+            *FAST, *extra]
+
+
+def figures(report: str) -> dict[str, int]:
+    """The numbers of a run's summary line (what `ray job logs` shows)."""
+    line = next(l for l in report.splitlines() if l.startswith("labeled "))
+    names = {"labeled": r"labeled (\d+) partition", "skipped": r"skipped (\d+)", "left": r"left to another run (\d+)",
+             "failed": r"failed (\d+)", "rows_in": r"rows in (\d+)", "rows_out": r"out (\d+)",
+             "errors": r"with error (\d+)", "review": r"to review (\d+)", "distinct": r"distinct texts (\d+)",
+             "scored": r"scored (\d+)", "cache_hits": r"cache hits (\d+)"}
+    return {k: int(re.search(p, line).group(1)) for k, p in names.items()}
+
+
+def commit_rows(catalog: str, identifier: str, day: str, rows: pa.Table, run_id: str = "r1",
+                model_version: str = "v1", expected_rows: int | None = None, planned_on=None,
+                still_mine=lambda theirs: False):
+    """What the job does for one partition, without Ray: make the table, write the labeled rows'
+    data files (WriteDataFiles), commit them. Returns (outcome, record)."""
+    labeled = open_table(catalog, identifier)
+    input_rows = rows.drop_columns([c for c in OUTPUT_COLUMNS if c in rows.column_names])
+    labeled.ensure(input_rows.schema, key_is_date=True)
+    batch = rows.append_column("dt", pa.array([day] * rows.num_rows))
+    written = WriteDataFiles(**labeled.writer_spec())(batch).to_pylist() if rows.num_rows else []
+    record = PartitionCommit(f"dt={day}", run_id, model_version, ((f"in/{day}.parquet", 1, "e1"),), rows.num_rows, 0, 0)
+    return labeled.commit_partition(f"dt={day}", day, [w["path"] for w in written],
+                                    rows.num_rows if expected_rows is None else expected_rows, record,
+                                    planned_on, still_mine)
+
+
+def labeled_rows(texts: list, ids: list[int]) -> pa.Table:
+    """Rows as ApplyLabels leaves them (input columns + the labeling columns)."""
+    n = len(texts)
+    return pa.table({"row_id": pa.array(ids, pa.int64()), "texts": pa.array(texts, pa.string()),
+                     "label": ["Income"] * n, "confidence": [0.75] * n, "model_version": ["v1"] * n,
+                     "labeled_at": pa.array([pd.Timestamp("2024-03-02", tz="UTC")] * n, pa.timestamp("us", tz="UTC")),
+                     "error": pa.nulls(n, pa.string()), "needs_review": [i % 2 == 0 for i in range(n)]})
 
 
 # ---- units (no Ray) -------------------------------------------------------------------------------
@@ -144,32 +185,30 @@ def test_scorer_scores_each_text_once_then_serves_it_from_the_cache(tiny_artifac
     assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
 
 
-def test_commit_refuses_a_partition_whose_rows_do_not_add_up(tmp_path):
-    out = str(tmp_path / "out")
-    batch = pa.table({"texts": ["a", "b", "c"], "error": [None, "x", None], "dt": ["2024-03-01"] * 3})
-    records = StageWriter(out, "run1")(batch).to_pylist()
-    assert records[0]["rows"] == 3 and records[0]["errors"] == 1
-    partition = Partition("dt=2024-03-01", "2024-03-01", ["in/a.parquet"], rows=4)
-    with pytest.raises(CommitError, match="wrote 3 rows for 4 input rows"):
-        commit(out, partition, records, {"run_id": "run1"})
-    assert not (tmp_path / "out" / "dt=2024-03-01" / MANIFEST).exists()
-    assert read_committed(out).empty  # staged files alone are never output
-    partition.rows = 3
-    commit(out, partition, records, {"run_id": "run1"})
-    assert read_committed(out)["texts"].tolist() == ["a", "b", "c"]
-
-
 def test_arguments_are_checked_before_any_work(capsys, tmp_path):
-    assert label.main(["--model", "m", "--input", "in", "--output", "in"]) == 2
+    base = ["--model", "m", "--input", "in", "--catalog", "c", "--output-table", "ns.t", "--cache", "c1"]
+    assert label.main([*base, "--cache", "in"]) == 2
     assert "same as --input" in capsys.readouterr().err
-    assert label.main(["--model", "m", "--input", "in", "--output", "o", "--actors", "0"]) == 2
+    assert label.main([*base, "--actors", "0"]) == 2
     assert "--actors 0: must be at least 1" in capsys.readouterr().err
-    assert label.main(["--model", "m", "--input", "in", "--output", "o", "--rows-per-call", "0"]) == 2
+    assert label.main([*base, "--rows-per-call", "0"]) == 2
     assert "--rows-per-call 0: must be at least 1" in capsys.readouterr().err
-    assert backfill.main(["--model", "m", "--input", "i", "--output", "o", "--start", "2024-03-09", "--end", "2024-03-01"]) == 2
+    assert label.main([*base, "--output-table", "no_namespace"]) == 2
+    assert "--output-table 'no_namespace': expected NAMESPACE.TABLE" in capsys.readouterr().err
+    assert label.main(["--model", "m", "--input", "in", "--output-table", "ns.t", "--cache", "c1"]) == 2
+    assert "--catalog is required" in capsys.readouterr().err
+    assert backfill.main([*base, "--start", "2024-03-09", "--end", "2024-03-01"]) == 2
     assert "is after --end" in capsys.readouterr().err
-    assert label.main(["--model", str(tmp_path / "nope"), "--input", "i", "--output", "o"]) == 2
+    assert label.main([*base[:1], str(tmp_path / "nope"), *base[2:]]) == 2
     assert "no artifact at" in capsys.readouterr().err
+
+
+def test_an_unconfigured_catalog_is_named_with_the_fix(monkeypatch, tiny_artifact, capsys):
+    monkeypatch.setenv("PYICEBERG_HOME", "/nonexistent")
+    assert label.main(["--model", tiny_artifact, "--input", "in", "--catalog", "nightly", "--output-table", "ns.t",
+                       "--cache", "c1"]) == 2
+    err = capsys.readouterr().err
+    assert "--catalog 'nightly' is not configured" in err and "PYICEBERG_CATALOG__NIGHTLY__TYPE" in err
 
 
 def test_ray_datas_footer_reader_pool_is_sized_to_the_files(monkeypatch):
@@ -190,83 +229,278 @@ def test_ray_datas_footer_reader_pool_is_sized_to_the_files(monkeypatch):
         assert FooterFileIndexer(ignore_missing_paths=False)._num_actors == 7
 
 
-# ---- integration: real Ray, real S3 ---------------------------------------------------------------
+# ---- the table's commit, against the real catalog and S3 (no Ray) --------------------------------
 
 @pytest.mark.integration
-def test_label_incremental_rerun_redo_force_and_backfill(ray_cluster, s3_bucket, tiny_artifact, capsys):
-    """Three nights with 90% repeated texts; then a no-op re-run, a lost partition plus a new
-    night (warm cache), --force, and a backfill that resumes over partitions of an older model."""
-    src, out = f"{s3_bucket}/ledgers", f"{s3_bucket}/labeled"
+def test_commit_refuses_files_that_do_not_add_up_then_replaces_the_partition(iceberg_catalog, table_name):
+    rows = labeled_rows(["a", "b", "c"], [1, 2, 3])
+    with pytest.raises(CommitError, match="hold 3 rows for 4 input rows"):
+        commit_rows(iceberg_catalog, table_name, DAYS[0], rows, expected_rows=4)
+    assert read_labeled(iceberg_catalog, table_name).empty  # written files alone are never output
+    assert snapshot_count(iceberg_catalog, table_name) == 0
+    outcome, first = commit_rows(iceberg_catalog, table_name, DAYS[0], rows)
+    assert outcome == "committed" and first.run_id == "r1" and first.input_rows == 3
+    # the same partition again: its rows are replaced, not added; another partition is untouched
+    commit_rows(iceberg_catalog, table_name, DAYS[1], labeled_rows(["x"], [9]))
+    outcome, second = commit_rows(iceberg_catalog, table_name, DAYS[0], labeled_rows(["d", "e"], [4, 5]), run_id="r2",
+                                  planned_on=first)
+    out = read_labeled(iceberg_catalog, table_name).sort_values("row_id")
+    assert out["row_id"].tolist() == [4, 5, 9] and out["dt"].tolist() == [DAYS[0], DAYS[0], DAYS[1]]
+    assert commits(iceberg_catalog, table_name)[f"dt={DAYS[0]}"].run_id == "r2"
+    summary = open_table(iceberg_catalog, table_name).table.current_snapshot().summary
+    assert summary.operation.value == "overwrite" and summary["deleted-records"] == "3" and summary["added-records"] == "2"
+    # a partition with no rows commits too, as labeled and empty
+    outcome, empty = commit_rows(iceberg_catalog, table_name, DAYS[2], labeled_rows([], []))
+    assert outcome == "committed" and commits(iceberg_catalog, table_name)[f"dt={DAYS[2]}"].input_rows == 0
+
+
+@pytest.mark.integration
+def test_a_commit_that_loses_the_race_rechecks_and_leaves_or_replaces(iceberg_catalog, table_name, monkeypatch):
+    """Run B planned dt=X when it had no labels; run A commits it while B labels. B's commit sees
+    A's record: a nightly B leaves the partition to A; a backfill B that would still relabel
+    replaces it. A commit of A landing between B's check and B's commit is refused by Iceberg's
+    validation (pyiceberg ValidationException) and checked again."""
+    day = DAYS[0]
+    commit_rows(iceberg_catalog, table_name, DAYS[1], labeled_rows(["other"], [100]))  # the table exists
+    b = open_table(iceberg_catalog, table_name)
+    a_rows, b_rows = labeled_rows(["a1", "a2"], [1, 2]), labeled_rows(["b1", "b2"], [1, 2])
+
+    # A commits after B's check, before B's transaction is committed: B's first attempt conflicts.
+    real_transaction, raced = b.table.transaction, []
+
+    def transaction_after_a_commits():
+        if not raced:
+            raced.append(commit_rows(iceberg_catalog, table_name, day, a_rows, run_id="run-A"))
+        return real_transaction()
+
+    monkeypatch.setattr(b.table, "transaction", transaction_after_a_commits)
+    batch = b_rows.append_column("dt", pa.array([day] * 2))
+    written = WriteDataFiles(**b.writer_spec())(batch).to_pylist()
+    record = PartitionCommit(f"dt={day}", "run-B", "v1", ((f"in/{day}.parquet", 1, "e1"),), 2, 0, 0)
+    seen = []
+    outcome, theirs = b.commit_partition(f"dt={day}", day, [w["path"] for w in written], 2, record, None,
+                                         still_mine=lambda other: seen.append(other) or False)
+    assert raced and outcome == "left" and theirs.run_id == "run-A" and [s.run_id for s in seen] == ["run-A"]
+    out = read_labeled(iceberg_catalog, table_name, row_filter=f"dt = '{day}'")
+    assert sorted(out["texts"]) == ["a1", "a2"], "the race's loser must not have replaced the winner's rows"
+
+    fs, _ = storage.filesystem(written[0]["path"])
+    assert not any(fs.exists(w["path"]) for w in written), "the loser's files were left behind as orphans"
+
+    # A backfill to another model (still_mine -> True) replaces A's labels instead, each row once.
+    written = WriteDataFiles(**b.writer_spec())(batch).to_pylist()
+    outcome, mine = b.commit_partition(f"dt={day}", day, [w["path"] for w in written], 2, record, None,
+                                       still_mine=lambda other: True)
+    assert outcome == "committed" and mine.run_id == "run-B"
+    out = read_labeled(iceberg_catalog, table_name, row_filter=f"dt = '{day}'")
+    assert sorted(out["texts"]) == ["b1", "b2"] and out["row_id"].is_unique
+
+
+@pytest.mark.integration
+def test_the_review_export_holds_the_flagged_rows_and_no_formula(iceberg_catalog, table_name, tmp_path):
+    """The accountants' CSV: only needs_review rows, every input column plus label, confidence and
+    error; a cell a spreadsheet would run as a formula starts with an apostrophe instead."""
+    from clf_core.review import export_review
+
+    texts = ["=HYPERLINK(\"http://x\",\"Rent\")", "Less: Gas", "+1 Deposit", "-Repairs", "@SUM(A1)", "\tTab", "Plus: Fee"]
+    rows = labeled_rows(texts, list(range(len(texts))))  # needs_review on even row ids
+    outcome, _ = commit_rows(iceberg_catalog, table_name, DAYS[0], rows)
+    labeled = open_table(iceberg_catalog, table_name)
+    files = [t.file.file_path for t in labeled.table.scan().plan_files()]
+    target = str(tmp_path / "review" / f"dt={DAYS[0]}.csv")
+    assert export_review(labeled.table.io, files, target) == 4
+    csv = pd.read_csv(target, keep_default_na=False)
+    assert csv.columns.tolist() == ["row_id", "texts", "label", "confidence", "error", "dt"]
+    assert csv["row_id"].tolist() == [0, 2, 4, 6]
+    assert csv["texts"].tolist() == ["'=HYPERLINK(\"http://x\",\"Rent\")", "'+1 Deposit", "'@SUM(A1)", "Plus: Fee"]
+    assert not csv["texts"].str.match(r"^[=+\-@\t\r]").any()
+
+
+# ---- integration: real Ray, real S3, real catalog -------------------------------------------------
+
+@pytest.mark.integration
+def test_label_incremental_rerun_late_files_force_and_backfill(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                              tiny_artifact, second_artifact, capsys):
+    """Three nights with 90% repeated texts; then a no-op re-run (no new snapshot), a late file in
+    a labeled night and a rewritten file in another plus a new night (warm cache), --force, and a
+    backfill with a new model that resumes where it stopped."""
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+
+    def args(*extra, model=tiny_artifact):
+        return job_args(model, src, iceberg_catalog, table_name, cache, *extra)
+
     pool = ledger_rows(30, seed=99)["texts"].unique().tolist()
     days = {day: ledger_day(100, i, pool) for i, day in enumerate(DAYS)}
     for day, df in days.items():
         write_partition(src, day, df)
     inputs = pd.concat([df.assign(dt=day) for day, df in days.items()], ignore_index=True)
 
-    assert label.main(job_args(tiny_artifact, src, out)) == 0
-    labeled = assert_exactly_once(out, inputs)
-    run = last_run(out)
+    assert label.main(args()) == 0
+    run = figures(capsys.readouterr().out)
+    labeled = assert_exactly_once(iceberg_catalog, table_name, inputs)
     assert run["scored"] == len(pool) and run["cache_hits"] == 0  # 300 rows, only the distinct texts scored
-    assert run["rows_in"] == run["rows_out"] == 300 and run["error_rows"] == 0
+    assert run["rows_in"] == run["rows_out"] == 300 and run["errors"] == 0 and run["labeled"] == 3
     assert labeled["label"].isin(["Expense", "Income"]).all() and labeled["error"].isna().all()
     assert labeled["confidence"].between(0.5, 1.0).all() and labeled["model_version"].nunique() == 1
-    first = manifests(out)
-    assert set(first) == {f"dt={d}" for d in DAYS} and all(m["rows"] == 100 for m in first.values())
-    # each partition lists exactly its needs_review rows (default threshold 0.9) for people to check
-    for day in DAYS:
-        review = pd.read_csv(storage.join(out, f"dt={day}", "_review.csv"))
-        flagged = labeled[(labeled.dt == day) & labeled["needs_review"]]
-        assert sorted(review["row_id"].tolist()) == sorted(flagged["row_id"].tolist())
-        assert (flagged["confidence"] < 0.9).all()
+    first = commits(iceberg_catalog, table_name)
+    assert set(first) == {f"dt={d}" for d in DAYS} and all(c.input_rows == 100 for c in first.values())
+    assert len({c.run_id for c in first.values()}) == 1 and all(len(c.input_files) == 2 for c in first.values())
+    # the review queue is a query: exactly the rows under the threshold (default 0.9)
+    queue = read_labeled(iceberg_catalog, table_name, row_filter="needs_review = true")
+    assert sorted(queue["row_id"]) == sorted(labeled.loc[labeled["confidence"] < 0.9, "row_id"])
+    assert run["review"] == len(queue)
 
-    # Nothing new: a re-run commits nothing and rewrites nothing.
-    assert label.main(job_args(tiny_artifact, src, out)) == 0
-    assert manifests(out) == first
-    assert "skip 3 already committed" in capsys.readouterr().out
+    # Nothing new: a re-run commits nothing, not even an empty snapshot.
+    snapshots = snapshot_count(iceberg_catalog, table_name)
+    assert label.main(args()) == 0
+    assert "skip 3 already labeled" in capsys.readouterr().out
+    assert snapshot_count(iceberg_catalog, table_name) == snapshots and commits(iceberg_catalog, table_name) == first
 
-    # One partition's output lost, one missed night with 5 new texts: only those two run, and
-    # the warm cache means only the new texts reach the model.
-    fs, _ = storage.filesystem(out)
-    fs.rm(f"{out}/dt={DAYS[1]}", recursive=True)
+    # A late file arrives in night 2, night 3's first file is rewritten with other rows, and a
+    # missed night with 5 new texts: exactly those three partitions are relabeled, the warm cache
+    # means only the new texts reach the model.
+    late = ledger_day(10, 5, pool)
+    write_partition(src, DAYS[1], late, files=1, name="late")
+    rewritten = ledger_day(50, 6, pool)
+    write_partition(src, DAYS[2], pa.Table.from_pandas(rewritten, preserve_index=False), files=1)  # replaces part-0
     new_day = ledger_day(100, 3, pool)
     new_texts = [f"Plus: Brand New Account {i}" for i in range(5)]
     new_day.loc[:9, "texts"] = new_texts * 2
     write_partition(src, "2024-03-04", new_day)
-    inputs = pd.concat([inputs, new_day.assign(dt="2024-03-04")], ignore_index=True)
-    assert label.main(job_args(tiny_artifact, src, out)) == 0
-    second = manifests(out)
-    assert second[f"dt={DAYS[0]}"] == first[f"dt={DAYS[0]}"] and second[f"dt={DAYS[2]}"] == first[f"dt={DAYS[2]}"]
-    assert second[f"dt={DAYS[1]}"]["run_id"] != first[f"dt={DAYS[1]}"]["run_id"]
-    run = last_run(out)
-    assert (run["scored"], run["cache_hits"]) == (5, len(pool))
-    assert sorted(run["partitions_committed"]) == [f"dt={DAYS[1]}", "dt=2024-03-04"]
-    assert_exactly_once(out, inputs)
+    assert label.main(args("--dry-run")) == 0
+    plan_text = capsys.readouterr().out
+    assert "1 file(s) added (late-0.parquet)" in plan_text and "1 file(s) rewritten (part-0.parquet)" in plan_text
+    assert label.main(args()) == 0
+    run = figures(capsys.readouterr().out)
+    assert (run["scored"], run["labeled"], run["skipped"]) == (5, 3, 1)
+    second = commits(iceberg_catalog, table_name)
+    assert second[f"dt={DAYS[0]}"] == first[f"dt={DAYS[0]}"]
+    assert {second[f"dt={d}"].run_id for d in DAYS[1:]} == {second["dt=2024-03-04"].run_id} != {first[f"dt={DAYS[0]}"].run_id}
+    night3 = pd.concat([rewritten, days[DAYS[2]].iloc[50:]], ignore_index=True)  # part-1 kept its 50 rows
+    inputs = pd.concat([days[DAYS[0]].assign(dt=DAYS[0]), days[DAYS[1]].assign(dt=DAYS[1]), late.assign(dt=DAYS[1]),
+                        night3.assign(dt=DAYS[2]), new_day.assign(dt="2024-03-04")], ignore_index=True)
+    assert_exactly_once(iceberg_catalog, table_name, inputs)
 
     # --force plans every partition; --dry-run touches nothing.
-    capsys.readouterr()
-    assert label.main(job_args(tiny_artifact, src, out, "--force", "--dry-run")) == 0
-    assert "would label 4 partition(s) (400 rows)" in capsys.readouterr().out
-    assert manifests(out) == second
+    assert label.main(args("--force", "--dry-run")) == 0
+    assert "would label 4 partition(s)" in capsys.readouterr().out
+    assert commits(iceberg_catalog, table_name) == second
 
-    # A backfill over a range relabels partitions of another model version and skips those
-    # already done by this one, so re-running an interrupted backfill resumes it.
-    stale = dict(second[f"dt={DAYS[0]}"], model_version="v-older-model")
-    storage.write_bytes(f"{out}/dt={DAYS[0]}/{MANIFEST}", json.dumps(stale).encode())
-    assert backfill.main(job_args(tiny_artifact, src, out, "--start", DAYS[0], "--end", DAYS[1])) == 0
-    after = manifests(out)
-    assert after[f"dt={DAYS[0]}"]["model_version"] == second[f"dt={DAYS[1]}"]["model_version"]
-    assert after[f"dt={DAYS[0]}"]["run_id"] != second[f"dt={DAYS[0]}"]["run_id"]
-    for name in (f"dt={DAYS[1]}", f"dt={DAYS[2]}", "dt=2024-03-04"):
-        assert after[name] == second[name]
+    # A backfill with a new model over a range relabels what another model labeled, and a re-run
+    # after it (as after an interruption) skips what it finished.
+    assert backfill.main(args("--start", DAYS[0], "--end", DAYS[1], model=second_artifact)) == 0
     capsys.readouterr()
-    assert backfill.main(job_args(tiny_artifact, src, out, "--start", DAYS[0], "--end", DAYS[2], "--force", "--dry-run")) == 0
-    assert "would label 3 partition(s) (300 rows)" in capsys.readouterr().out
-    assert_exactly_once(out, inputs)
+    after = commits(iceberg_catalog, table_name)
+    new_version = after[f"dt={DAYS[0]}"].model_version
+    assert new_version != second[f"dt={DAYS[0]}"].model_version == after[f"dt={DAYS[2]}"].model_version
+    assert after[f"dt={DAYS[1]}"].model_version == new_version
+    assert after[f"dt={DAYS[2]}"] == second[f"dt={DAYS[2]}"] and after["dt=2024-03-04"] == second["dt=2024-03-04"]
+    assert backfill.main(args("--start", DAYS[0], "--end", DAYS[2], "--dry-run", model=second_artifact)) == 0
+    assert "would label 1 partition(s)" in capsys.readouterr().out  # only night 3, still on the old model
+    assert_exactly_once(iceberg_catalog, table_name, inputs)
 
 
 @pytest.mark.integration
-def test_bad_rows_are_kept_and_a_corrupt_file_fails_only_its_partition(ray_cluster, s3_bucket, tiny_artifact, capsys):
-    src, out = f"{s3_bucket}/ledgers", f"{s3_bucket}/labeled"
+def test_backfill_time_travel_rollback_and_expiry(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                  tiny_artifact, second_artifact, capsys, local_s3):
+    """A backfill tags the snapshot it replaces: the old labels stay readable by time travel, one
+    command rolls the table back to them, and expiry removes old snapshots and the files only
+    they referenced while the nightly job still skips every labeled partition."""
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+    for i, day in enumerate(DAYS[:2]):
+        write_partition(src, day, ledger_day(40, i))
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 0
+    before = read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True)
+    old_version = before["model_version"].iloc[0]
+
+    assert backfill.main(job_args(second_artifact, src, iceberg_catalog, table_name, cache,
+                                  "--start", DAYS[0], "--end", DAYS[0])) == 0
+    labeled = open_table(iceberg_catalog, table_name)
+    tags = [name for name in labeled.table.refs() if name.startswith("backfill-")]
+    assert len(tags) == 1 and tags[0].startswith(f"backfill-{DAYS[0]}-{DAYS[0]}-")
+    now = read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True)
+    assert set(now.loc[now.dt == DAYS[0], "model_version"]) == {tags[0].rsplit("-", 1)[1]} != {old_version}
+    assert set(now.loc[now.dt == DAYS[1], "model_version"]) == {old_version}
+
+    # Time travel: dt = day 1 as of before the backfill, read the way the README shows.
+    tagged = labeled.table.snapshot_by_name(tags[0]).snapshot_id
+    as_of = read_labeled(iceberg_catalog, table_name, row_filter=f"dt = '{DAYS[0]}'", snapshot_id=tagged)
+    pd.testing.assert_frame_equal(as_of.sort_values("row_id").reset_index(drop=True),
+                                  before[before.dt == DAYS[0]].reset_index(drop=True), check_dtype=False)
+
+    # Rollback in one command; the table reads as before, and its records with it: the backfill
+    # would run again.
+    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--table", table_name, "--to", tags[0]]) == 0
+    pd.testing.assert_frame_equal(read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True),
+                                  before, check_dtype=False)
+    capsys.readouterr()
+    assert backfill.main(job_args(second_artifact, src, iceberg_catalog, table_name, cache,
+                                  "--start", DAYS[0], "--end", DAYS[0], "--dry-run")) == 0
+    assert "would label 1 partition(s)" in capsys.readouterr().out
+    assert table_job.main(["history", "--catalog", iceberg_catalog, "--table", table_name]) == 0
+    assert tags[0] in capsys.readouterr().out
+
+    # Expiry: everything but the current snapshot (the tag goes too: its cutoff passed). The files
+    # of the undone backfill and of nothing current are deleted; every current file stays; the
+    # nightly job still finds every partition labeled.
+    table = open_table(iceberg_catalog, table_name).table
+    live = {task.file.file_path for task in table.scan().plan_files()}
+    fs = local_s3.filesystem()
+    data_dir = table.location().split("://", 1)[1] + "/data"
+    on_disk = {"s3://" + p for p in fs.find(data_dir)}
+    assert live < on_disk, "the backfill's files should still be stored before expiry"
+    assert table_job.main(["expire", "--catalog", iceberg_catalog, "--table", table_name, "--older-than", "0s"]) == 0
+    assert "removed tags ['backfill-" in capsys.readouterr().out
+    table = open_table(iceberg_catalog, table_name).table
+    assert len(table.snapshots()) == 1 and not [n for n in table.refs() if n != "main"]
+    fs.invalidate_cache()
+    assert {"s3://" + p for p in fs.find(data_dir)} == live
+    pd.testing.assert_frame_equal(read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True),
+                                  before, check_dtype=False)
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache, "--dry-run")) == 0
+    assert "would label 0 partition(s)" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_every_reader_sees_each_row_once(ray_cluster, s3_bucket, iceberg_catalog, table_name, tiny_artifact):
+    """pyiceberg to Arrow and pandas, Ray Data's read_iceberg, DuckDB and polars over the Arrow
+    scan: rows in == rows out, each once; a date filter reads only that partition's files."""
+    import duckdb
+    import polars as pl
+    import ray
+
+    from clf_core.table import catalog_config
+
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+    days = {day: ledger_day(30, i) for i, day in enumerate(DAYS)}
+    for day, df in days.items():
+        write_partition(src, day, df)
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 0
+    ids = sorted(pd.concat(days.values())["row_id"])
+
+    table = open_table(iceberg_catalog, table_name).table
+    arrow = table.scan().to_arrow()
+    assert sorted(arrow["row_id"].to_pylist()) == ids
+    assert sorted(table.scan().to_pandas()["row_id"]) == ids
+    via_ray = ray.data.read_iceberg(table_identifier=table_name,
+                                    catalog_kwargs={"name": iceberg_catalog, **catalog_config(iceberg_catalog)})
+    assert sorted(via_ray.to_pandas()["row_id"]) == ids
+    per_day = duckdb.sql("SELECT CAST(dt AS VARCHAR) AS dt, count(*) AS n, count(DISTINCT row_id) AS ids "
+                         "FROM arrow GROUP BY dt ORDER BY dt").fetchall()
+    assert per_day == [(day, 30, 30) for day in DAYS]
+    frame = pl.from_arrow(arrow)
+    assert frame["row_id"].n_unique() == frame.height == len(ids)
+    review = duckdb.sql("SELECT count(*) FROM arrow WHERE needs_review").fetchall()[0][0]
+    assert review == frame.filter(pl.col("confidence") < 0.9).height
+    # partition pruning: a filter on dt plans only that day's files
+    one_day = list(table.scan(row_filter=f"dt = '{DAYS[1]}'").plan_files())
+    assert one_day and all(f"dt={DAYS[1]}" in task.file.file_path for task in one_day)
+
+
+@pytest.mark.integration
+def test_bad_rows_are_kept_and_a_corrupt_file_fails_only_its_partition(ray_cluster, s3_bucket, iceberg_catalog,
+                                                                       table_name, tiny_artifact, capsys):
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     good = ledger_day(40, 0)
     bad_texts = [None, "", "   ", "x" * 3000, "Rent"]
     good.loc[:4, "texts"] = bad_texts
@@ -279,21 +513,21 @@ def test_bad_rows_are_kept_and_a_corrupt_file_fails_only_its_partition(ray_clust
     with fs.open(f"{src}/dt=2024-03-04/part-0.parquet", "wb") as f:
         pq.write_table(pa.table({"texts": ["Rent"], "label": ["Income"]}), f)
 
-    assert label.main(job_args(tiny_artifact, src, out)) == 1
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 1
     report = capsys.readouterr().out
     assert f"dt={DAYS[1]}/part-1.parquet" in report and "cannot read" in report
     assert f"dt={DAYS[2]}/part-0.parquet has no text column 'texts'" in report
     assert "already has column(s) ['label']" in report
-    assert set(manifests(out)) == {f"dt={DAYS[0]}"}
-    labeled = assert_exactly_once(out, good.assign(dt=DAYS[0])).set_index("row_id")
+    assert set(commits(iceberg_catalog, table_name)) == {f"dt={DAYS[0]}"}
+    labeled = assert_exactly_once(iceberg_catalog, table_name, good.assign(dt=DAYS[0])).set_index("row_id")
     bad = labeled.loc[good["row_id"][:4]]
-    assert bad["label"].isna().all() and bad["confidence"].isna().all()
+    assert bad["label"].isna().all() and bad["confidence"].isna().all() and bad["needs_review"].all()
     assert [e.split(" (")[0] for e in bad["error"]] == [
         "text is null", "text is empty", "text is only whitespace",
         "text is 3000 characters long, over the limit of 2000"]
     rest = labeled.drop(index=good["row_id"][:4])
     assert rest["error"].isna().all() and rest["label"].notna().all()
-    assert last_run(out)["error_rows"] == 4
+    assert figures(report)["errors"] == 4
 
 
 def _processes(name: str):
@@ -305,17 +539,19 @@ def _processes(name: str):
 
 
 @pytest.mark.integration
-def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bucket, tiny_artifact):
-    src, out = f"{s3_bucket}/ledgers", f"{s3_bucket}/labeled"
+def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                              tiny_artifact):
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     days = {day: ledger_day(120, i) for i, day in enumerate(DAYS)}
     for day, df in days.items():
         write_partition(src, day, df, files=3)
     result = {}
-    args = job_args(tiny_artifact, src, out, "--batch-size", "4", "--rows-per-call", "4")  # many calls to interrupt
+    args = job_args(tiny_artifact, src, iceberg_catalog, table_name, cache,
+                    "--batch-size", "4", "--rows-per-call", "4")  # many calls to interrupt
     job = threading.Thread(target=lambda: result.update(rc=label.main(args)))
     job.start()
-    killed, cache = [], f"{out}/_label_cache"
-    fs, _ = storage.filesystem(out)
+    killed = []
+    fs, _ = storage.filesystem(cache)
     deadline = time.monotonic() + 120
     while job.is_alive() and not killed and time.monotonic() < deadline:
         fs.invalidate_cache()
@@ -327,7 +563,8 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     job.join(timeout=300)
     assert killed, "the scoring actor finished before it could be killed; the test proved nothing"
     assert result["rc"] == 0
-    out_rows = assert_exactly_once(out, pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True))
+    inputs = pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True)
+    out_rows = assert_exactly_once(iceberg_catalog, table_name, inputs)
     # the labels are a clean run's: the same model scoring the same texts with no fault
     from clf_core.predict import Predictor
 
@@ -336,36 +573,95 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     assert out_rows["confidence"].to_numpy() == pytest.approx(clean.confidence, abs=1e-4)
 
 
+def run_driver(ray_cluster, args: list[str], **popen) -> subprocess.Popen:
+    """`python -m jobs.label ...` as its own driver process joined to the session's Ray cluster."""
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    return subprocess.Popen([sys.executable, "-m", "jobs.label", *args], env=env, cwd=REPO, **popen)
+
+
 @pytest.mark.integration
-def test_a_crash_during_the_write_leaves_nothing_partial_and_a_rerun_completes(ray_cluster, s3_bucket, tiny_artifact):
-    """The job's driver is SIGKILLed as soon as the first labeled file is staged."""
-    src, out = f"{s3_bucket}/ledgers", f"{s3_bucket}/labeled"
+def test_a_crash_during_the_write_leaves_nothing_partial_and_a_rerun_completes(ray_cluster, s3_bucket, iceberg_catalog,
+                                                                               table_name, tiny_artifact, local_s3):
+    """The job's driver is SIGKILLed as soon as its first data file is stored."""
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     days = {day: ledger_day(120, i) for i, day in enumerate(DAYS)}
     for day, df in days.items():
         write_partition(src, day, df, files=4)
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.label", *job_args(tiny_artifact, src, out, "--batch-size", "8")],
-                              env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    fs, _ = storage.filesystem(out)
-    staged = []
+    namespace, name = table_name.split(".")
+    data_dir = f"iceberg-warehouse/warehouse/{namespace}/{name}/data"  # the SQL catalog's default location
+    driver = run_driver(ray_cluster, job_args(tiny_artifact, src, iceberg_catalog, table_name, cache, "--batch-size", "8"),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    fs = local_s3.filesystem()
+    written = []
     deadline = time.monotonic() + 180
-    while driver.poll() is None and not staged and time.monotonic() < deadline:
+    while driver.poll() is None and not written and time.monotonic() < deadline:
         fs.invalidate_cache()
-        staged = [p for p in (fs.find(out) if fs.exists(out) else []) if f"/{ATTEMPTS}/" in p]
+        written = fs.find(data_dir) if fs.exists(data_dir) else []
         time.sleep(0.05)
     driver.kill()
     driver.wait()
-    assert staged, "the job ended before writing anything; the crash was not injected"
-    visible = manifests(out)
+    assert written, "the job ended before writing anything; the crash was not injected"
+    visible = commits(iceberg_catalog, table_name)
     assert len(visible) < len(DAYS), "every partition committed before the crash; nothing was tested"
-    partial = read_committed(out)
-    for name, m in visible.items():  # whatever is visible is whole
-        assert (partial["dt"] == name[3:]).sum() == m["rows"] == 120
+    partial = read_labeled(iceberg_catalog, table_name)
+    for partition in visible:  # whatever is visible is whole
+        assert (partial["dt"] == partition[3:]).sum() == 120
+    assert len(partial) == 120 * len(visible)
 
-    assert label.main(job_args(tiny_artifact, src, out)) == 0
-    assert_exactly_once(out, pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True))
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 0
+    inputs = pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True)
+    assert_exactly_once(iceberg_catalog, table_name, inputs)
+    # The crashed run's files are orphans: listed by no snapshot, read by no one, removed by the
+    # maintenance command once older than its cutoff.
+    labeled = open_table(iceberg_catalog, table_name)
+    live = {t.file.file_path for t in labeled.table.scan().plan_files()}
     fs.invalidate_cache()
-    leftovers = {p.split(f"/{ATTEMPTS}/")[1].split("/")[0] for p in fs.find(out) if f"/{ATTEMPTS}/" in p}
-    listed = {m["run_id"] for m in manifests(out).values()}
-    assert leftovers <= listed, "orphan files of the crashed run were not cleaned up at commit"
+    stored = {"s3://" + p for p in fs.find(data_dir)}
+    assert stored - live, "the crashed run left no data file behind; the orphan check proved nothing"
+    assert table_job.main(["remove-orphans", "--catalog", iceberg_catalog, "--table", table_name,
+                           "--older-than", "0s"]) == 0
+    fs.invalidate_cache()
+    assert {"s3://" + p for p in fs.find(data_dir)} == live
+    assert_exactly_once(iceberg_catalog, table_name, inputs)
+
+
+@pytest.mark.integration
+def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                    tiny_artifact):
+    """Two real jobs.label processes on the same partitions and the same catalog (a nightly run and a
+    retried cron), three rounds of new nights: after each round every row is in the table once,
+    every file a snapshot lists exists, and each partition was committed by one run and left by the
+    other, or committed twice (the second replacing the first)."""
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+    pool = ledger_rows(40, seed=5)["texts"].unique().tolist()
+    inputs, left = [], 0
+    for round_ in range(3):
+        for k in range(2):
+            day = f"2024-04-{round_ * 2 + k + 1:02d}"
+            df = ledger_day(60, 20 + round_ * 2 + k, pool)
+            write_partition(src, day, df)
+            inputs.append(df.assign(dt=day))
+        jobs = [run_driver(ray_cluster, job_args(tiny_artifact, src, iceberg_catalog, table_name, cache),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [job.communicate(timeout=400)[0] for job in jobs]
+        for job, output in zip(jobs, outputs):
+            assert job.returncode == 0, output[-3000:]
+        runs = [figures(output) for output in outputs]
+        assert all(r["failed"] == 0 for r in runs)
+        # each new partition was committed by at least one run; a run that lost a race says so
+        assert sum(r["labeled"] for r in runs) >= 2
+        assert all(r["labeled"] + r["left"] + r["skipped"] == 2 * (round_ + 1) for r in runs)
+        left += sum(r["left"] for r in runs)
+        print(f"round {round_ + 1}: " + " | ".join(f"labeled {r['labeled']}, left {r['left']}, skipped {r['skipped']}"
+                                                  for r in runs))
+        assert_exactly_once(iceberg_catalog, table_name, pd.concat(inputs, ignore_index=True))
+        table = open_table(iceberg_catalog, table_name).table
+        fs, _ = storage.filesystem(table.location())
+        fs.invalidate_cache()
+        live = {task.file.file_path for task in table.scan().plan_files()}
+        for path in live:
+            assert fs.exists(path), f"a snapshot lists a missing file: {path}"
+        # the run that left a partition deleted the files it wrote for it: no orphans either
+        stored = {"s3://" + p for p in fs.find(table.location().split("://", 1)[1] + "/data")}
+        assert stored == live, f"files no snapshot lists: {sorted(stored - live)}"
+    assert left, "no run ever found its partition committed by the other: the race was never run"

@@ -1,0 +1,494 @@
+"""The labeled output: an Apache Iceberg table that pandas, Spark, Trino, Athena and DuckDB read.
+
+    <input columns...>  label  confidence  model_version  labeled_at  error  needs_review  dt
+                                                                      partitioned by identity(dt)
+
+The table lives in a pyiceberg catalog configured the pyiceberg way (`.pyiceberg.yaml` or
+`PYICEBERG_CATALOG__<NAME>__*` variables): a SQL catalog on SQLite in the demo and the tests, AWS
+Glue (then Athena reads it) or a REST catalog in production. `dt` is an Iceberg `date` when the
+partition values are dates, so engines prune by date; input columns keep their types as far as
+Iceberg has them (int8/int16 become int, large_string string, ns timestamps us).
+
+How a partition is labeled exactly once (jobs.label / jobs.backfill, clf_core.labeling):
+
+1. Ray Data tasks write Parquet data files into the table's location (`WriteDataFiles`). They
+   are not part of the table until a snapshot lists them; a crashed run leaves only unlisted
+   files, which no reader sees (and `remove_orphan_files` deletes).
+2. The driver reads each new file's footer (no rows) and commits the partition only when those
+   footers add up to the partition's input rows: one Iceberg transaction replaces every data file
+   of the partition with the new ones (`commit_partition`). Readers see the old rows or the new
+   ones, never both or half.
+3. Each such snapshot's summary is the partition's record: run id, model version, the input files
+   (path, size, ETag or mtime) and rows (`PartitionCommit`). Planning reads the records of the
+   current snapshot's ancestry, so a rollback also rolls the records back.
+4. Two runs on one partition: the commit re-reads the partition's record first; if another run
+   committed it since this run planned, the partition is left to that run unless this run would
+   still relabel it (e.g. a backfill with another model). Iceberg's own validation catches a
+   commit that lands in between (`ValidationException`), and the check runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clf_core.errors import ClfError, ConfigError
+from clf_core.scoring import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+
+log = logging.getLogger(__name__)
+
+# Table settings made at creation. Old metadata files go with the commits that replaced them
+# (every partition commit writes one), Parquet is zstd like pyiceberg's default.
+TABLE_PROPERTIES = {
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "50",
+    # Concurrent commits to *other* partitions are rebased and retried by pyiceberg itself.
+    "commit.retry.num-retries": "8",
+}
+
+PREFIX = "clf."               # our keys in snapshot summaries and table properties
+EXPIRED_COMMITS = PREFIX + "expired-commits"   # records whose snapshots were expired (see expire)
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class CommitError(ClfError):
+    """A partition's new files do not add up to its input; nothing was committed."""
+
+
+# ---- the catalog -------------------------------------------------------------------------------
+
+# Iceberg I/O goes through fsspec (s3fs) like every other read and write of this project, so the
+# standard AWS environment (AWS_ENDPOINT_URL, keys or instance profile) and botocore's and s3fs's
+# retries apply; pyiceberg's default pyarrow I/O ignores AWS_ENDPOINT_URL. A catalog's own
+# `py-io-impl` setting wins.
+IO_DEFAULTS = {"py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO"}
+
+
+def catalog_config(name: str) -> dict:
+    from pyiceberg.utils.config import Config
+
+    return Config().get_catalog_config(name) or {}
+
+
+def open_catalog(name: str):
+    """The pyiceberg catalog `name`, or a ConfigError that says how to configure it."""
+    from pyiceberg.catalog import load_catalog
+
+    config = catalog_config(name)
+    if not config:
+        raise ConfigError(
+            f"--catalog {name!r} is not configured. Configure it the pyiceberg way: in .pyiceberg.yaml "
+            f"(in $PYICEBERG_HOME, ~ or the current folder) under catalog: {name}: ..., or with environment "
+            f"variables, e.g. PYICEBERG_CATALOG__{name.upper()}__TYPE=glue, or for a SQL catalog "
+            f"PYICEBERG_CATALOG__{name.upper()}__URI=sqlite:////path/catalog.db and "
+            f"PYICEBERG_CATALOG__{name.upper()}__WAREHOUSE=s3://bucket/warehouse.")
+    try:
+        # The configuration read now, not the copy pyiceberg took when it was first imported.
+        return load_catalog(name, **{**IO_DEFAULTS, **config})
+    except Exception as exc:  # pyiceberg raises ValueError / ImportError / driver errors, naming the setting
+        raise ConfigError(f"--catalog {name!r} cannot be opened: {type(exc).__name__}: {exc}") from exc
+
+
+def parse_identifier(value: str) -> tuple[str, str]:
+    if not IDENTIFIER.match(value or ""):
+        raise ConfigError(f"--output-table {value!r}: expected NAMESPACE.TABLE with letters, digits and "
+                          f"underscores, e.g. ledgers.labeled_lines")
+    namespace, name = value.split(".")
+    return namespace, name
+
+
+# ---- records: what each partition commit recorded ---------------------------------------------
+
+@dataclass(frozen=True)
+class PartitionCommit:
+    """A partition's labels as committed: who made them, from which input files."""
+    partition: str                                  # "dt=2024-03-01"
+    run_id: str
+    model_version: str
+    input_files: tuple[tuple[str, int, str], ...]   # (uri, size, ETag or mtime), sorted
+    input_rows: int
+    snapshot_id: int
+    committed_at_ms: int
+
+    def summary(self) -> dict[str, str]:
+        return {PREFIX + "partition": self.partition, PREFIX + "run-id": self.run_id,
+                PREFIX + "model-version": self.model_version, PREFIX + "input-rows": str(self.input_rows),
+                PREFIX + "input-files": json.dumps([list(f) for f in self.input_files])}
+
+    @classmethod
+    def from_summary(cls, props: dict, snapshot_id: int, timestamp_ms: int) -> "PartitionCommit | None":
+        if PREFIX + "partition" not in props:
+            return None
+        try:
+            return cls(partition=props[PREFIX + "partition"], run_id=props.get(PREFIX + "run-id", ""),
+                       model_version=props.get(PREFIX + "model-version", ""),
+                       input_files=tuple(tuple(f) for f in json.loads(props.get(PREFIX + "input-files", "[]"))),
+                       input_rows=int(props.get(PREFIX + "input-rows", "0")), snapshot_id=snapshot_id,
+                       committed_at_ms=timestamp_ms)
+        except (ValueError, TypeError) as exc:
+            log.warning("snapshot %s: unreadable labeling record (%s); its partition counts as unlabeled",
+                        snapshot_id, exc)
+            return None
+
+    def to_json(self) -> dict:
+        return {**self.summary(), "snapshot-id": self.snapshot_id, "committed-at-ms": self.committed_at_ms}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PartitionCommit | None":
+        return cls.from_summary(data, int(data.get("snapshot-id", 0)), int(data.get("committed-at-ms", 0)))
+
+
+def input_changes(recorded: tuple, current: tuple) -> str:
+    """What differs between two input-file lists, for a person: '1 file added (part-2.parquet)'."""
+    old, new = {f[0]: f[1:] for f in recorded}, {f[0]: f[1:] for f in current}
+    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+    changed = sorted(u for u in set(old) & set(new) if old[u] != new[u])
+    parts = []
+    for what, uris in (("added", added), ("removed", removed), ("rewritten", changed)):
+        if uris:
+            names = ", ".join(u.rsplit("/", 1)[-1] for u in uris[:3]) + (", ..." if len(uris) > 3 else "")
+            parts.append(f"{len(uris)} file(s) {what} ({names})")
+    return "; ".join(parts) or "no change"
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+class LabeledTable:
+    """The output table of jobs.label / jobs.backfill (it may not exist yet)."""
+
+    def __init__(self, catalog_name: str, identifier: str, partition_key: str = "dt"):
+        from pyiceberg.exceptions import NoSuchTableError
+
+        self.catalog_name = catalog_name
+        self.identifier = identifier
+        self.namespace, self.name = parse_identifier(identifier)
+        self.partition_key = partition_key
+        self.catalog = open_catalog(catalog_name)
+        try:
+            self.table = self.catalog.load_table(identifier)
+        except NoSuchTableError:
+            self.table = None
+        except Exception as exc:  # unreadable metadata, an unreachable catalog or store: named, no traceback
+            raise ClfError(f"cannot load table {identifier} from catalog {catalog_name!r}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+        if self.table is not None:
+            self._check_layout()
+
+    # -- shape --
+
+    def _check_layout(self) -> None:
+        schema, spec = self.table.schema(), self.table.spec()
+        names = {f.name for f in schema.fields}
+        missing = [c for c in OUTPUT_COLUMNS + (self.partition_key,) if c not in names]
+        sources = [schema.find_column_name(f.source_id) for f in spec.fields]
+        if missing or sources != [self.partition_key]:
+            raise ClfError(f"table {self.identifier} was not made by this labeling job: it lacks {missing} or is "
+                           f"not partitioned by {self.partition_key} alone (partitioned by {sources}). Pick another "
+                           f"--output-table, or --partition-key to match it.")
+
+    @property
+    def key_is_date(self) -> bool | None:
+        """Whether the table stores the partition key as an Iceberg date (None: no table yet)."""
+        if self.table is None:
+            return None
+        from pyiceberg.types import DateType
+
+        return isinstance(self.table.schema().find_field(self.partition_key).field_type, DateType)
+
+    def check_input_schema(self, schema: pa.Schema) -> str | None:
+        """Why input of this Arrow schema cannot go into the table (None: it can, maybe by adding
+        columns or widening a type, e.g. int -> long)."""
+        from pyiceberg.table import Transaction
+        from pyiceberg.table.update.schema import UpdateSchema
+
+        known = frozenset(f.name for f in self.table.schema().fields) if self.table is not None else frozenset()
+        try:
+            arrow = to_iceberg_arrow(schema, known)
+        except (TypeError, ValueError, pa.ArrowException) as exc:
+            return f"has a column type Iceberg cannot store: {exc}"
+        if self.table is None:
+            return None
+        try:
+            update = UpdateSchema(transaction=Transaction(self.table))
+            update.union_by_name(arrow)
+            update._apply()
+        except Exception as exc:  # pyiceberg's ValidationError names the column and both types
+            return f"does not fit table {self.identifier}: {exc}"
+        return None
+
+    def ensure(self, input_schema: pa.Schema, key_is_date: bool) -> None:
+        """Create the table on first use; later, add new input columns / widen types."""
+        from pyiceberg.exceptions import TableAlreadyExistsError
+
+        if self.table is None:
+            arrow = to_iceberg_arrow(input_schema)
+            full = pa.schema(list(arrow) + list(OUTPUT_SCHEMA) +
+                             [pa.field(self.partition_key, pa.date32() if key_is_date else pa.string())])
+            self.catalog.create_namespace_if_not_exists(self.namespace)
+            try:
+                tx = self.catalog.create_table_transaction(self.identifier, schema=full, properties=TABLE_PROPERTIES)
+                with tx.update_spec() as spec:
+                    spec.add_identity(self.partition_key)
+                tx.commit_transaction()
+                log.info("created table %s (partitioned by %s, %s)", self.identifier, self.partition_key,
+                         "date" if key_is_date else "string")
+            except TableAlreadyExistsError:  # another run made it first: use theirs
+                pass
+            self.table = self.catalog.load_table(self.identifier)
+            self._check_layout()
+        from pyiceberg.exceptions import CommitFailedException
+
+        for attempt in range(4):  # another run may widen the schema at the same moment: apply ours on top
+            self.table.refresh()
+            arrow = to_iceberg_arrow(input_schema, frozenset(f.name for f in self.table.schema().fields))
+            before = self.table.schema()
+            try:
+                with self.table.update_schema() as update:
+                    update.union_by_name(arrow)
+                break
+            except CommitFailedException:
+                if attempt == 3:
+                    raise
+        if self.table.schema() != before:
+            log.info("table %s: schema evolved to hold the input's columns", self.identifier)
+
+    def tag_current(self, tag: str) -> None:
+        """Name the current snapshot `tag` (kept until removed: expiry never takes a tagged
+        snapshot), unless the tag exists: a resumed backfill keeps the state before its first try."""
+        self.table.refresh()
+        head = self.table.metadata.current_snapshot_id
+        if head is None or tag in self.table.metadata.refs:
+            return
+        self.table.manage_snapshots().create_tag(head, tag).commit()
+        log.info("tagged snapshot %s of %s as %s (the labels before this run)", head, self.identifier, tag)
+
+    # -- records --
+
+    def commits(self) -> dict[str, PartitionCommit]:
+        """partition -> its latest commit, as of the current snapshot."""
+        if self.table is None:
+            return {}
+        self.table.refresh()
+        return commits_as_of(self.table, self.table.metadata.current_snapshot_id)
+
+    # -- for the workers --
+
+    def writer_spec(self) -> dict:
+        """What a `WriteDataFiles` task needs: the table's schema, spec and location (metadata
+        without history, as JSON) and the catalog's I/O settings minus anything secret (workers
+        take credentials from their own environment, like every other storage call)."""
+        self.table.refresh()
+        meta = self.table.metadata.model_copy(update={
+            "snapshots": [], "snapshot_log": [], "metadata_log": [], "refs": {}, "current_snapshot_id": None,
+            "properties": {k: v for k, v in self.table.metadata.properties.items() if not k.startswith(PREFIX)}})
+        return {"metadata_json": meta.model_dump_json(), "io_properties": public_io_properties(self.table.io.properties),
+                "partition_key": self.partition_key}
+
+    # -- the commit --
+
+    def commit_partition(self, partition: str, value: str, file_paths: list[str], expected_rows: int,
+                         record: PartitionCommit, planned_on: PartitionCommit | None, still_mine,
+                         attempts: int = 6) -> tuple[str, PartitionCommit | None]:
+        """Replace `partition`'s rows with the files at `file_paths` in one snapshot.
+
+        Returns ("committed", the new record) or ("left", the other run's record) when another
+        run committed the partition after this run planned it and `still_mine(their record)` is
+        False. Raises CommitError when the files do not add up to `expected_rows`."""
+        from pyiceberg.exceptions import CommitFailedException, ValidationException
+        from pyiceberg.expressions import EqualTo
+
+        data_files = self.data_files(file_paths, partition, value)
+        rows = sum(f.record_count for f in data_files)
+        if rows != expected_rows:
+            self._discard(file_paths)
+            raise CommitError(f"{partition}: the written files hold {rows} rows for {expected_rows} input rows; "
+                              f"not committed")
+        literal = date.fromisoformat(value) if self.key_is_date else value
+        commit_id = uuid.uuid4().hex
+        props = {**record.summary(), PREFIX + "commit-id": commit_id}
+        last_error = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(min(0.2 * 2 ** attempt, 5.0))
+            self.table.refresh()
+            if self._landed(commit_id) is not None:  # an earlier attempt's answer was lost, not the commit
+                break
+            current = commits_as_of(self.table, self.table.metadata.current_snapshot_id).get(partition)
+            moved = (current.snapshot_id if current else None) != (planned_on.snapshot_id if planned_on else None)
+            if moved and current is not None and not still_mine(current):
+                self._discard(file_paths)  # never to be listed by a snapshot: no orphans left behind
+                return "left", current
+            tx = self.table.transaction()
+            existing = [task.file for task in self.table.scan(row_filter=EqualTo(self.partition_key, literal)).plan_files()]
+            try:
+                with tx.update_snapshot(snapshot_properties=props).overwrite() as overwrite:
+                    overwrite.delete_by_predicate(EqualTo(self.partition_key, literal))  # conflicts: this partition only
+                    for old in existing:
+                        overwrite.delete_data_file(old)
+                    for new in data_files:
+                        overwrite.append_data_file(new)
+                tx.commit_transaction()
+                break
+            except (ValidationException, CommitFailedException) as exc:  # another run committed this partition
+                last_error = exc
+                log.info("%s: a concurrent commit changed it (%s); checking again", partition, exc)
+            except OSError as exc:  # storage or catalog unreachable past their retries: try again, then fail
+                last_error = exc
+                log.warning("%s: commit attempt %d failed: %s: %s", partition, attempt + 1, type(exc).__name__, exc)
+        else:
+            raise CommitError(f"{partition}: not committed after {attempts} attempts: "
+                              f"{type(last_error).__name__}: {last_error}")
+        snapshot = self._landed(commit_id)
+        return "committed", PartitionCommit.from_summary(snapshot.summary.additional_properties,
+                                                         snapshot.snapshot_id, snapshot.timestamp_ms)
+
+    def _discard(self, file_paths: list[str]) -> None:
+        for path in file_paths:
+            try:
+                self.table.io.delete(path)
+            except Exception as exc:  # an orphan is harmless (no snapshot lists it); remove-orphans gets it
+                log.warning("could not delete unused data file %s: %s", path, exc)
+
+    def _landed(self, commit_id: str):
+        for snapshot in reversed(self.table.metadata.snapshots):
+            if snapshot.summary and snapshot.summary.additional_properties.get(PREFIX + "commit-id") == commit_id:
+                return snapshot
+        return None
+
+    def data_files(self, file_paths: list[str], partition: str, value: str) -> list:
+        """The DataFile entries of new files, from their footers (row counts and column stats):
+        the driver checks what is really stored, not what a worker reported."""
+        from pyiceberg.io.pyarrow import parquet_file_to_data_file
+
+        meta, io = self.table.metadata, self.table.io
+
+        def one(path: str):
+            return parquet_file_to_data_file(io, meta, path)
+
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(file_paths)))) as pool:
+            files = list(pool.map(one, file_paths))
+        expected = date.fromisoformat(value) if self.key_is_date else value
+        for f, path in zip(files, file_paths):
+            got = f.partition[0]
+            got = date.fromordinal(date(1970, 1, 1).toordinal() + got) if self.key_is_date and isinstance(got, int) else got
+            if got != expected:
+                raise CommitError(f"{partition}: {path} holds rows of {self.partition_key}={got}; not committed")
+        return files
+
+
+def commits_as_of(table, snapshot_id: int | None) -> dict[str, PartitionCommit]:
+    """partition -> its latest commit in the ancestry of `snapshot_id`, then, for partitions with
+    none there, the records kept when their snapshots were expired (`expire_snapshots`)."""
+    found: dict[str, PartitionCommit] = {}
+    meta = table.metadata
+    snapshot = meta.snapshot_by_id(snapshot_id) if snapshot_id is not None else None
+    while snapshot is not None:
+        record = PartitionCommit.from_summary(snapshot.summary.additional_properties if snapshot.summary else {},
+                                              snapshot.snapshot_id, snapshot.timestamp_ms)
+        if record is not None:
+            found.setdefault(record.partition, record)
+        snapshot = meta.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+    for name, data in json.loads(meta.properties.get(EXPIRED_COMMITS, "{}")).items():
+        if name not in found:
+            record = PartitionCommit.from_json(data)
+            if record is not None:
+                found[name] = record
+    return found
+
+
+SECRET_KEY = re.compile(r"secret|token|password|credential|access-key|key-id|session", re.IGNORECASE)
+
+
+def public_io_properties(properties: dict) -> dict:
+    """I/O settings safe to hand to workers: no keys, tokens or passwords (those come from each
+    worker's own environment: instance profile, IRSA, AWS_* variables)."""
+    return {k: str(v) for k, v in properties.items() if not SECRET_KEY.search(k)}
+
+
+def to_iceberg_arrow(schema: pa.Schema, known: frozenset | set = frozenset()) -> pa.Schema:
+    """The Arrow schema as the table stores it: ns timestamps as us (Iceberg v2 has no ns; ledgers
+    have no sub-microsecond times), dictionary columns as their values, no pandas metadata. A
+    column of Arrow type null (null in every row of a file) fits any type: it is left out when
+    the table knows the column already (`known`), else stored as string."""
+    fields = []
+    for f in schema.remove_metadata():
+        t = f.type
+        if pa.types.is_null(t):
+            if f.name in known:
+                continue
+            t = pa.string()
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_timestamp(t) and t.unit == "ns":
+            t = pa.timestamp("us", tz=t.tz)
+        fields.append(pa.field(f.name, t, nullable=True))
+    converted = pa.schema(fields)
+    from pyiceberg.io.pyarrow import _ConvertToIcebergWithoutIDs, visit_pyarrow
+
+    visit_pyarrow(converted, _ConvertToIcebergWithoutIDs())  # raises on a type Iceberg has no match for
+    return converted
+
+
+# ---- the write stage (Ray Data task; plain Python in tests) ------------------------------------
+
+class WriteDataFiles:
+    """Pass 2's last stage: a batch of labeled rows -> Parquet data files in the table's location,
+    one or more per partition, written with pyiceberg's writer (field ids, column statistics).
+
+    Returns one row per file (partition, path, rows, error rows, review rows): all the driver
+    receives. The files join the table only when the driver commits their partition."""
+
+    RECORD = pa.schema([("partition", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
+                        ("errors", pa.int64()), ("review", pa.int64())])
+
+    def __init__(self, metadata_json: str, io_properties: dict, partition_key: str):
+        self.metadata_json = metadata_json
+        self.io_properties = io_properties
+        self.partition_key = partition_key
+        self._meta = self._io = None
+
+    def _open(self):
+        if self._meta is None:
+            from pyiceberg.io import load_file_io
+            from pyiceberg.table.metadata import TableMetadataUtil
+
+            self._meta = TableMetadataUtil.parse_raw(self.metadata_json)
+            # This worker's own catalog settings may hold credentials the driver did not send.
+            self._io = load_file_io({**IO_DEFAULTS, **self.io_properties}, self._meta.location)
+        return self._meta, self._io
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pyiceberg.io.pyarrow import _dataframe_to_data_files, schema_to_pyarrow
+        from pyiceberg.types import DateType
+
+        meta, io = self._open()
+        target = schema_to_pyarrow(meta.schema())
+        for i, f in enumerate(batch.schema):  # a column null in every row read: the table's type
+            if pa.types.is_null(f.type) and f.name in target.names:
+                batch = batch.set_column(i, f.name, pa.nulls(batch.num_rows, target.field(f.name).type))
+        key_is_date = isinstance(meta.schema().find_field(self.partition_key).field_type, DateType)
+        keys = batch.column(self.partition_key)
+        records = []
+        for value in pc.unique(keys).to_pylist():
+            rows = batch.filter(pc.equal(keys, value))
+            column = pc.cast(rows.column(self.partition_key), pa.date32() if key_is_date else pa.string())
+            rows = rows.set_column(rows.schema.get_field_index(self.partition_key), self.partition_key, column)
+            rows = rows.cast(to_iceberg_arrow(rows.schema), safe=False)  # ns -> us drops only sub-us digits
+            errors = rows.num_rows - rows.column("error").null_count
+            review = pc.sum(rows.column("needs_review")).as_py() or 0
+            files = list(_dataframe_to_data_files(table_metadata=meta, df=rows, io=io, write_uuid=uuid.uuid4()))
+            for i, f in enumerate(files):  # errors/review counted on the first file of a split partition
+                records.append({"partition": f"{self.partition_key}={value}", "path": f.file_path,
+                                "rows": f.record_count, "errors": errors if i == 0 else 0,
+                                "review": review if i == 0 else 0})
+        return pa.Table.from_pylist(records, schema=self.RECORD)

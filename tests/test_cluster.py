@@ -6,14 +6,20 @@
 - the runtime_env is accepted by Ray's `RuntimeEnv`;
 - the KubeRay manifests have the fields their CRDs require (documented list below);
 - every `python -m jobs.X ...` entrypoint in cluster/ and the READMEs parses with that job's own
-  `build_parser()`, so renaming a flag breaks this test;
+  `build_parser()`, abbreviations refused, so renaming a flag breaks this test;
+- every labeling entrypoint passes the job's own settings validation (--catalog, --output-table,
+  --cache), and every place that runs one on the cluster (cluster/runtime_env.yaml, each RayJob's
+  runtimeEnvYAML) configures its catalog: pyiceberg itself reads the variables and opens a Glue
+  catalog in the cluster's region with a warehouse, and no catalog setting holds a credential;
 - resource requests fit the instance types; nothing is exposed publicly; no credentials.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -265,7 +271,7 @@ ON_CLUSTER = entrypoints(submitted_only=True)
 
 
 def test_entrypoints_cover_every_job():
-    assert {mod for _, mod, _ in ENTRYPOINTS} >= {"jobs.train", "jobs.label", "jobs.backfill"}
+    assert {mod for _, mod, _ in ENTRYPOINTS} >= {"jobs.train", "jobs.label", "jobs.backfill", "jobs.table"}
     assert any(src == "cluster/README.md" for src, _, _ in ENTRYPOINTS)
 
 
@@ -275,13 +281,32 @@ def test_entrypoint_parses_with_the_jobs_own_parser(source, module, argv):
     parse(source, module, argv)
 
 
+def strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """No abbreviated flags: argparse would otherwise take a removed flag for a longer one that
+    starts like it (the old `--output s3://...` of jobs.label parses as `--output-table`)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                strict(sub)
+    return parser
+
+
 def parse(source, module, argv):
-    parser = importlib.import_module(module).build_parser()
+    parser = strict(importlib.import_module(module).build_parser())
     try:
         return parser.parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{source}: `python -m {module} {shlex.join(argv)}` is rejected by "
-                    f"{module}.build_parser() (exit {e.code}); fix the command or the flag name")
+                    f"{module}.build_parser() (exit {e.code}; abbreviated flags are refused); "
+                    f"fix the command or the flag name")
+
+
+def test_parse_refuses_a_removed_flag():
+    """The check above is real: the labeling jobs' old `--output` flag fails it."""
+    argv = ["--model", "s3://b/m", "--input", "s3://b/l", "--output", "s3://b/labeled"]
+    with pytest.raises(pytest.fail.Exception, match="rejected"):
+        parse("test", "jobs.label", argv)
 
 
 def test_entrypoints_ask_for_the_gpus_the_cluster_has():
@@ -303,6 +328,169 @@ def test_entrypoints_ask_for_the_gpus_the_cluster_has():
             assert args.use_gpu, f"{source}: training on the cluster runs on GPU workers"
             assert args.num_workers <= train_max, f"{source}: more train workers than GPU nodes"
             assert args.cpus_per_worker <= train_cpus, f"{source}: --cpus-per-worker won't fit a node"
+
+
+# --- The labeled table: every labeling entrypoint names a catalog, every place configures it ----
+
+LABEL_JOBS = ("jobs.label", "jobs.backfill")
+CATALOG_JOBS = LABEL_JOBS + ("jobs.table",)
+# Catalog property names (after pyiceberg's env-var mapping) that would hold a credential.
+SECRET_PROPERTY = re.compile(r"(?i)key|secret|token|credential|password|session")
+LABEL_ENTRYPOINTS = [e for e in ENTRYPOINTS if e[1] in LABEL_JOBS]
+
+
+@pytest.mark.parametrize("source,module,argv", LABEL_ENTRYPOINTS,
+                         ids=[f"{s}:{m}:{i}" for i, (s, m, _) in enumerate(LABEL_ENTRYPOINTS)])
+def test_label_entrypoints_pass_the_jobs_own_validation(source, module, argv):
+    """--catalog, --output-table NS.TABLE and --cache are required by the job (not by argparse):
+    LabelSettings.validate(), which the job runs first, must accept every documented command."""
+    from clf_core.errors import ConfigError
+    from clf_core.labeling import settings_from_args
+
+    args = parse(source, module, argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        pytest.fail(f"{source}: `python -m {module} {shlex.join(argv)}` fails the job's validation: {exc}")
+    assert settings.catalog and "." in settings.output_table and settings.cache
+
+
+def catalog_jobs_on_cluster() -> list[tuple[str, str, argparse.Namespace]]:
+    return [(source, module, parse(source, module, argv))
+            for source, module, argv in ON_CLUSTER if module in CATALOG_JOBS]
+
+
+def test_cluster_label_jobs_use_s3_and_the_nightly_exports_review():
+    on_cluster = catalog_jobs_on_cluster()
+    assert {m for _, m, _ in on_cluster} >= set(LABEL_JOBS)
+    for source, module, args in on_cluster:
+        if module not in LABEL_JOBS:
+            continue
+        for flag in ("model", "input", "cache"):
+            assert getattr(args, flag).startswith("s3://"), f"{source}: --{flag} must be in S3 on the cluster"
+        assert args.review_export in ("",) or args.review_export.startswith("s3://"), source
+    nightly = [args for name, d in manifests("RayCronJob")
+               for source, module, args in on_cluster if source == name and module == "jobs.label"]
+    assert nightly and all(a.review_export.startswith("s3://") for a in nightly), \
+        "the nightly RayCronJob exports the review rows (--review-export s3://...)"
+
+
+def submit_commands() -> list[tuple[str, list[str], str]]:
+    """(source, `ray job submit` options, job module) for every documented submit of a job."""
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```[a-z]*\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0]
+                if "ray job submit" in line and (m := JOB_RE.search(line)):
+                    opts = shlex.split(line[line.index("ray job submit") + len("ray job submit"):m.start()])
+                    found.append((doc.relative_to(ROOT).as_posix(), opts, m.group(1)))
+    return found
+
+
+def catalog_places() -> dict[str, dict]:
+    """Where the jobs that use a catalog on the cluster get their environment: the runtime env of
+    every `ray job submit` (the only way jobs reach the launcher's cluster, cluster/aws.yaml, and the
+    ad-hoc way onto KubeRay) and each RayJob / RayCronJob's runtimeEnvYAML."""
+    places = {"cluster/runtime_env.yaml": yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["env_vars"]}
+    for name, spec in rayjob_specs():
+        m = JOB_RE.search(" ".join(spec["entrypoint"].split()))
+        if m and m.group(1) in CATALOG_JOBS:
+            places[f"{name} runtimeEnvYAML"] = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    return places
+
+
+def check_catalog_env(where: str, env_vars: dict, name: str, region: str, monkeypatch, home: Path) -> dict:
+    """Assert that `env_vars` configure pyiceberg catalog `name` as the AWS Glue catalog of `region`
+    with an S3 warehouse and no credential; return the catalog config pyiceberg reads from them."""
+    from pyiceberg.utils.config import Config
+
+    prefix = f"PYICEBERG_CATALOG__{name.upper()}__"
+    mine = {k: str(v) for k, v in env_vars.items() if k.upper().startswith(prefix)}
+    assert mine.get(prefix + "TYPE") == "glue", f"{where}: {prefix}TYPE is {mine.get(prefix + 'TYPE')!r}, not glue"
+    assert mine.get(prefix + "WAREHOUSE", "").startswith("s3://"), f"{where}: {prefix}WAREHOUSE is not an s3:// URI"
+    hits = find_secrets("\n".join(f"{k}: {v}" for k, v in mine.items()))
+    assert not hits, f"{where}: catalog settings look like credentials: {hits}"
+
+    # What pyiceberg itself makes of the variables (no .pyiceberg.yaml can interfere: empty home).
+    for var in [v for v in os.environ if v.upper().startswith("PYICEBERG_")]:
+        monkeypatch.delenv(var)
+    for var in ("HOME", "PYICEBERG_HOME"):
+        monkeypatch.setenv(var, str(home))
+    monkeypatch.chdir(home)
+    for k, v in env_vars.items():
+        monkeypatch.setenv(k, str(v))
+    config = Config().get_catalog_config(name) or {}
+    assert config.get("type") == "glue", f"{where}: pyiceberg reads catalog {name!r} as {config}"
+    assert config.get("glue.region") == region, \
+        f"{where}: catalog {name!r} has glue.region {config.get('glue.region')!r}, the cluster runs in {region}"
+    assert config.get("warehouse") == mine[prefix + "WAREHOUSE"], f"{where}: warehouse not read as set"
+    secret_props = sorted(k for k in config if SECRET_PROPERTY.search(k))
+    assert not secret_props, f"{where}: credentials in the catalog config {secret_props}: use the role, not keys"
+
+    # And the jobs' own way of opening it builds a Glue client for that region (no network call).
+    pytest.importorskip("boto3")
+    from clf_core.errors import ConfigError
+    from clf_core.table import open_catalog
+
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    try:
+        catalog = open_catalog(name)
+    except ConfigError as exc:
+        raise AssertionError(f"{where}: {exc}") from exc
+    assert type(catalog).__name__ == "GlueCatalog", f"{where}: {type(catalog).__name__}"
+    assert catalog.glue.meta.region_name == region, where
+    return config
+
+
+def test_catalog_settings_reach_every_job_on_the_cluster(monkeypatch, tmp_path):
+    aws = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    region = aws["provider"]["region"]
+    names = {args.catalog for _, _, args in catalog_jobs_on_cluster()}
+    assert names and "" not in names, f"every catalog job on the cluster names --catalog: {names}"
+    places = catalog_places()
+    assert {"cluster/runtime_env.yaml", "raycronjob-label.yaml runtimeEnvYAML",
+            "rayjob-backfill.yaml runtimeEnvYAML"} <= set(places), sorted(places)
+    for where, env_vars in places.items():
+        for name in sorted(names):
+            check_catalog_env(where, env_vars, name, region, monkeypatch, tmp_path)
+    # Every documented submit of a catalog job brings cluster/runtime_env.yaml: the nodes of either
+    # cluster hold no catalog setting (one copy, per job; aws.yaml and raycluster.yaml say why).
+    submits = [(src, opts) for src, opts, mod in submit_commands() if mod in CATALOG_JOBS]
+    assert any(src == "cluster/README.md" for src, _ in submits)
+    for source, opts in submits:
+        assert "--runtime-env" in opts and opts[opts.index("--runtime-env") + 1] == "cluster/runtime_env.yaml", \
+            f"{source}: `ray job submit {shlex.join(opts)}` runs a catalog job without cluster/runtime_env.yaml"
+    for path in (CLUSTER / "aws.yaml", KUBERAY / "raycluster.yaml"):
+        assert "PYICEBERG_" not in yaml.safe_dump_all(load_docs(path)), \
+            f"{path.name}: catalog settings belong in cluster/runtime_env.yaml (a second copy could disagree)"
+
+
+@pytest.mark.parametrize("change", ["no-warehouse", "misspelled-region", "other-region", "rest", "key",
+                                    "other-catalog"])
+def test_catalog_check_can_fail(change, monkeypatch, tmp_path):
+    """The check above is real: each of these broken settings fails it."""
+    env = dict(yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())["env_vars"])
+    name, region = "ledgers", "us-west-2"
+    check_catalog_env("ok", env, name, region, monkeypatch, tmp_path)     # the file as it is passes
+    if change == "no-warehouse":
+        del env["PYICEBERG_CATALOG__LEDGERS__WAREHOUSE"]
+    elif change == "misspelled-region":                                   # pyiceberg reads glue-region
+        env["PYICEBERG_CATALOG__LEDGERS__GLUE_REGION"] = env.pop("PYICEBERG_CATALOG__LEDGERS__GLUE__REGION")
+    elif change == "other-region":
+        region = "eu-central-1"
+    elif change == "rest":
+        env["PYICEBERG_CATALOG__LEDGERS__TYPE"] = "rest"
+    elif change == "key":                                                 # built here, never in a file
+        env["PYICEBERG_CATALOG__LEDGERS__GLUE__SECRET_ACCESS_KEY"] = "wJalrXUtnFEMI/K7MDENG/" + "bPxRfiCYEXAMPLEKEY"
+    elif change == "other-catalog":
+        name = "labels"
+    with pytest.raises(AssertionError):
+        check_catalog_env(change, env, name, region, monkeypatch, tmp_path)
 
 
 # --- No credentials anywhere under cluster/ ----------------------------------------------------

@@ -228,7 +228,7 @@ class LabeledTable:
 
     def ensure(self, input_schema: pa.Schema, key_is_date: bool) -> None:
         """Create the table on first use; later, add new input columns / widen types."""
-        from pyiceberg.exceptions import TableAlreadyExistsError
+        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
 
         if self.table is None:
             arrow = to_iceberg_arrow(input_schema)
@@ -246,8 +246,6 @@ class LabeledTable:
                 pass
             self.table = self.catalog.load_table(self.identifier)
             self._check_layout()
-        from pyiceberg.exceptions import CommitFailedException
-
         for attempt in range(4):  # another run may widen the schema at the same moment: apply ours on top
             self.table.refresh()
             arrow = to_iceberg_arrow(input_schema, frozenset(f.name for f in self.table.schema().fields))

@@ -228,22 +228,27 @@ class LabeledTable:
 
     def ensure(self, input_schema: pa.Schema, key_is_date: bool) -> None:
         """Create the table on first use; later, add new input columns / widen types."""
-        from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
+        from pyiceberg.exceptions import CommitFailedException
 
         if self.table is None:
             arrow = to_iceberg_arrow(input_schema)
             full = pa.schema(list(arrow) + list(OUTPUT_SCHEMA) +
                              [pa.field(self.partition_key, pa.date32() if key_is_date else pa.string())])
-            self.catalog.create_namespace_if_not_exists(self.namespace)
+            # Two runs may both find no table and create it at once. The loser's error depends on
+            # the catalog (pyiceberg's TableAlreadyExistsError, or the SQL catalog's IntegrityError
+            # from the namespace or table row): whatever it is, use the table if it now exists.
             try:
+                self.catalog.create_namespace_if_not_exists(self.namespace)
                 tx = self.catalog.create_table_transaction(self.identifier, schema=full, properties=TABLE_PROPERTIES)
                 with tx.update_spec() as spec:
                     spec.add_identity(self.partition_key)
                 tx.commit_transaction()
                 log.info("created table %s (partitioned by %s, %s)", self.identifier, self.partition_key,
                          "date" if key_is_date else "string")
-            except TableAlreadyExistsError:  # another run made it first: use theirs
-                pass
+            except Exception as exc:
+                if not self.catalog.table_exists(self.identifier):
+                    raise
+                log.info("table %s was created by a concurrent run (%s): using it", self.identifier, type(exc).__name__)
             self.table = self.catalog.load_table(self.identifier)
             self._check_layout()
         for attempt in range(4):  # another run may widen the schema at the same moment: apply ours on top

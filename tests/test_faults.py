@@ -246,7 +246,7 @@ def test_storage_and_commit_survive_slowdowns_and_stalls_with_default_retries(lo
     # The Iceberg side: data files written, a partition committed twice (the second replacing the
     # first), the table read back, every request through the faulty proxy.
     catalog = proxied_catalog(monkeypatch, proxy, tmp_path, f"{out}/warehouse")
-    for k, day in enumerate(DAYS):
+    for k, day in enumerate(DAYS):  # two partitions, then the first one replaced
         commit_rows(catalog, "faults.labeled", day, labeled_rows([f"Rent {i}" for i in range(15)],
                                                                  [1000 * k + i for i in range(15)]))
     outcome, record = commit_rows(catalog, "faults.labeled", DAYS[0], labeled_rows(["Gas", "Water"], [100, 101]),

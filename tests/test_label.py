@@ -261,7 +261,14 @@ def test_a_commit_that_loses_the_race_rechecks_and_leaves_or_replaces(iceberg_ca
     replaces it. A commit of A landing between B's check and B's commit is refused by Iceberg's
     validation (pyiceberg ValidationException) and checked again."""
     day = DAYS[0]
-    commit_rows(iceberg_catalog, table_name, DAYS[1], labeled_rows(["other"], [100]))  # the table exists
+    # Two runs that both found no table create it at once: the second uses the first's.
+    first, second = open_table(iceberg_catalog, table_name), open_table(iceberg_catalog, table_name)
+    schema = pa.schema([("row_id", pa.int64()), ("texts", pa.string())])
+    first.ensure(schema, key_is_date=True)
+    assert second.table is None
+    second.ensure(schema, key_is_date=True)
+    assert second.table.metadata.table_uuid == first.table.metadata.table_uuid
+    commit_rows(iceberg_catalog, table_name, DAYS[1], labeled_rows(["other"], [100]))
     b = open_table(iceberg_catalog, table_name)
     a_rows, b_rows = labeled_rows(["a1", "a2"], [1, 2]), labeled_rows(["b1", "b2"], [1, 2])
 
@@ -573,10 +580,10 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     assert out_rows["confidence"].to_numpy() == pytest.approx(clean.confidence, abs=1e-4)
 
 
-def run_driver(ray_cluster, args: list[str], **popen) -> subprocess.Popen:
+def run_driver(ray_cluster, args: list[str], module: str = "jobs.label", **popen) -> subprocess.Popen:
     """`python -m jobs.label ...` as its own driver process joined to the session's Ray cluster."""
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
-    return subprocess.Popen([sys.executable, "-m", "jobs.label", *args], env=env, cwd=REPO, **popen)
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO, **popen)
 
 
 @pytest.mark.integration
@@ -627,41 +634,48 @@ def test_a_crash_during_the_write_leaves_nothing_partial_and_a_rerun_completes(r
 
 @pytest.mark.integration
 def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, iceberg_catalog, table_name,
-                                                    tiny_artifact):
-    """Two real jobs.label processes on the same partitions and the same catalog (a nightly run and a
-    retried cron), three rounds of new nights: after each round every row is in the table once,
-    every file a snapshot lists exists, and each partition was committed by one run and left by the
-    other, or committed twice (the second replacing the first)."""
+                                                    tiny_artifact, second_artifact):
+    """Two real job processes on the same partitions and the same catalog, two rounds of new
+    nights. Round 1: two nightly runs (a retried cron): each partition is committed by one and
+    left by the other. Round 2: a nightly run and a backfill to another model over every night:
+    whichever commits first, the backfill's labels are the ones kept. After each round every row
+    is in the table once, every file a snapshot lists exists, and no data file is unlisted."""
     src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     pool = ledger_rows(40, seed=5)["texts"].unique().tolist()
-    inputs, left = [], 0
-    for round_ in range(3):
+    inputs = []
+    rounds = {1: [("jobs.label", tiny_artifact, ()), ("jobs.label", tiny_artifact, ())],
+              2: [("jobs.label", tiny_artifact, ()),
+                  ("jobs.backfill", second_artifact, ("--start", "2024-04-01", "--end", "2024-04-04"))]}
+    for round_, pair in rounds.items():
         for k in range(2):
-            day = f"2024-04-{round_ * 2 + k + 1:02d}"
+            day = f"2024-04-{round_ * 2 + k - 1:02d}"
             df = ledger_day(60, 20 + round_ * 2 + k, pool)
             write_partition(src, day, df)
             inputs.append(df.assign(dt=day))
-        jobs = [run_driver(ray_cluster, job_args(tiny_artifact, src, iceberg_catalog, table_name, cache),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        jobs = [run_driver(ray_cluster, job_args(model, src, iceberg_catalog, table_name, cache, *extra), module=module,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for module, model, extra in pair]
         outputs = [job.communicate(timeout=400)[0] for job in jobs]
         for job, output in zip(jobs, outputs):
             assert job.returncode == 0, output[-3000:]
         runs = [figures(output) for output in outputs]
+        print(f"round {round_}: " + " | ".join(f"{m}: labeled {r['labeled']}, left {r['left']}, skipped {r['skipped']}"
+                                               for (m, _, _), r in zip(pair, runs)))
         assert all(r["failed"] == 0 for r in runs)
-        # each new partition was committed by at least one run; a run that lost a race says so
-        assert sum(r["labeled"] for r in runs) >= 2
-        assert all(r["labeled"] + r["left"] + r["skipped"] == 2 * (round_ + 1) for r in runs)
-        left += sum(r["left"] for r in runs)
-        print(f"round {round_ + 1}: " + " | ".join(f"labeled {r['labeled']}, left {r['left']}, skipped {r['skipped']}"
-                                                  for r in runs))
-        assert_exactly_once(iceberg_catalog, table_name, pd.concat(inputs, ignore_index=True))
+        labeled = assert_exactly_once(iceberg_catalog, table_name, pd.concat(inputs, ignore_index=True))
+        if round_ == 1:
+            # both planned the two new nights: one committed each, the other found it done and said so
+            assert [r["labeled"] + r["left"] for r in runs] == [2, 2] and sum(r["left"] for r in runs) == 2
+        else:
+            versions = set(labeled["model_version"])
+            backfill_version = commits(iceberg_catalog, table_name)["dt=2024-04-01"].model_version
+            assert versions == {backfill_version} and len(versions) == 1, "a nightly commit outlived the backfill"
         table = open_table(iceberg_catalog, table_name).table
         fs, _ = storage.filesystem(table.location())
         fs.invalidate_cache()
         live = {task.file.file_path for task in table.scan().plan_files()}
-        for path in live:
+        listed = {t.file.file_path for s in table.snapshots() for t in table.scan(snapshot_id=s.snapshot_id).plan_files()}
+        for path in listed:
             assert fs.exists(path), f"a snapshot lists a missing file: {path}"
-        # the run that left a partition deleted the files it wrote for it: no orphans either
+        # a run that left a partition deleted the files it wrote for it: no unlisted file either
         stored = {"s3://" + p for p in fs.find(table.location().split("://", 1)[1] + "/data")}
-        assert stored == live, f"files no snapshot lists: {sorted(stored - live)}"
-    assert left, "no run ever found its partition committed by the other: the race was never run"
+        assert live <= stored == listed, f"files no snapshot lists: {sorted(stored - listed)}"

@@ -198,10 +198,14 @@ def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start
             elif not ((start and p.value < start.isoformat()) or (end and p.value > end.isoformat())):
                 inside.append(p)
         found = inside
-    key_is_date = table.key_is_date if table.key_is_date is not None else all(is_date(p.value) for p in found)
+    key_is_date = (table.key_is_date if table.key_is_date is not None
+                   else all(is_date(p.value) for p in found if not p.problem))
     records = table.commits()
     pl = Plan(todo=[], skipped=[], failed={}, key_is_date=key_is_date, mode=mode)
     for p in found:
+        if p.problem:  # found unreadable at discovery (an odd folder name or layout)
+            pl.failed[p.name] = p.problem
+            continue
         why = reason_to_label(records.get(p.name), p, model_version, mode, settings.force)
         if why is None:
             pl.skipped.append(p.name)
@@ -322,7 +326,7 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
     files = [f for p in todo for f in p.files]
     with footer_readers_for(len(files)):
         texts = ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
-    texts = (texts.map_batches(distinct_valid_texts, batch_format="pandas", num_cpus=0.25,
+    texts = (texts.map_batches(distinct_valid_texts, batch_format="pyarrow", num_cpus=0.25,
                                fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
              .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
              .select_columns([TEXT]))
@@ -345,6 +349,8 @@ def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, mod
     import ray
     from ray.data.datasource import Partitioning
 
+    from clf_core.artifact import open_artifact
+
     fs, input_root = storage.filesystem(settings.input)
     files = [f for p in pl.todo for f in p.files]
     labeled_at = datetime.now(timezone.utc).isoformat()
@@ -357,7 +363,9 @@ def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, mod
                                 fn_constructor_kwargs={"cache": settings.cache, "model_version": model_version,
                                                        "text_column": settings.text_column,
                                                        "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
-                                                       "review_threshold": settings.review_threshold})
+                                                       "review_threshold": settings.review_threshold,
+                                                       # cache entries naming another class are not used
+                                                       "labels": open_artifact(settings.model).labels})
                .map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
                             num_cpus=0.25))
     by_name = {p.name: p for p in pl.todo}

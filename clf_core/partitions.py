@@ -62,8 +62,26 @@ def discover(input_uri: str, key: str = "dt") -> list[Partition]:
         versions = {_uri(input_uri, path): (int(info.get("size") or 0), _version(info)) for path, info in found.items()
                     if path.endswith(".parquet")
                     and not any(s.startswith(("_", ".")) for s in path[len(entry["name"]):].split("/"))}
-        partitions.append(Partition(name, match.group(1), sorted(versions), versions))
+        partition = Partition(name, match.group(1), sorted(versions), versions)
+        partition.problem = folder_problem(name, partition.value, key, found, entry["name"])
+        partitions.append(partition)
     return sorted(partitions, key=lambda p: p.value)
+
+
+def folder_problem(name: str, value: str, key: str, found: dict, folder: str) -> str | None:
+    """Why a partition folder cannot be read as one Hive partition (None: it can). Ray Data reads
+    the value back from the path, so a value it would read differently, or a second key=value
+    level, would put rows under another partition than the one planned."""
+    for char, why in (("=", "a second '='"), ("%", "'%' (a URL-encoded value?)")):
+        if char in value:
+            return (f"folder {name}: its value {value!r} holds {why}, which Hive partitioning does not read back "
+                    f"as written. Rename the folder to {key}=<plain value>, e.g. {key}=2024-01-31.")
+    nested = sorted({seg for path in found for seg in path[len(folder):].strip("/").split("/")[:-1]
+                     if "=" in seg and not seg.startswith(("_", "."))})
+    if nested:
+        return (f"folder {name} holds nested partition folder(s) {nested[:3]}: this job reads one level of "
+                f"{key}=... folders. Move their files up into {name}/, or label them separately.")
+    return None
 
 
 def _version(info: dict) -> str:

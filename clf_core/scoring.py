@@ -11,7 +11,9 @@ cache. `ApplyLabels` never touches the model: by the time it runs, every valid t
 is in the cache, so pass 2 is a lookup.
 
 Bad rows never stop a job: `check_text` says why a value cannot be scored, and that reason
-becomes the row's `error` (its `label` stays null).
+becomes the row's `error` (its `label` stays null). Text that is not valid UTF-8 (pyarrow does not
+check string columns on read) is one such reason; any other string column holding invalid UTF-8
+is stored with U+FFFD in place of the bad bytes, and the row's `error` says which column.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def check_text(value, max_chars: int) -> tuple[str | None, str | None]:
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            return None, "text is not valid UTF-8"
+            return None, INVALID_UTF8
     if not isinstance(value, str):
         return None, f"text is not a string ({type(value).__name__})"
     if not value:
@@ -64,10 +66,55 @@ def check_text(value, max_chars: int) -> tuple[str | None, str | None]:
     return value, None
 
 
-def distinct_valid_texts(batch: pd.DataFrame, text_column: str, max_chars: int) -> pd.DataFrame:
+def repair_utf8(batch: pa.Table) -> tuple[pa.Table, dict[str, set[int]]]:
+    """String columns as valid UTF-8: a value with invalid bytes is decoded with U+FFFD in their
+    place. Returns the batch and, per repaired column, the rows that were repaired. Costs one
+    validation pass per string column when the data is clean (the usual case)."""
+    repaired: dict[str, set[int]] = {}
+    for i, f in enumerate(batch.schema):
+        if not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type)):
+            continue
+        column = batch.column(i)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = pa.compute.cast(column, pa.large_binary()).to_pylist()
+        values, rows = [], set()
+        for row, value in enumerate(raw):
+            if value is None:
+                values.append(None)
+                continue
+            try:
+                values.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(value.decode("utf-8", errors="replace"))
+                rows.add(row)
+        batch = batch.set_column(i, f, pa.array(values, f.type))
+        repaired[f.name] = rows
+    return batch, repaired
+
+
+INVALID_UTF8 = "text is not valid UTF-8"
+
+
+def texts_of(batch: pa.Table, text_column: str) -> list:
+    """The text column's values as Python objects; a value holding invalid UTF-8 comes back as
+    its raw bytes, which check_text refuses by name (to_pylist would fail the whole batch)."""
+    column = batch.column(text_column)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            return pa.compute.cast(column, pa.large_binary()).to_pylist()
+    return column.to_pylist()
+
+
+def distinct_valid_texts(batch: pa.Table, text_column: str, max_chars: int) -> pa.Table:
     """Pass 1 preprocessing: the scoreable texts of a batch, each once (shrinks the shuffle)."""
-    texts = {t for t in (check_text(v, max_chars)[0] for v in batch[text_column]) if t is not None}
-    return pd.DataFrame({TEXT: sorted(texts)}, dtype=object)
+    texts = {t for t in (check_text(v, max_chars)[0] for v in texts_of(batch, text_column)) if t is not None}
+    return pa.table({TEXT: pa.array(sorted(texts), pa.string())})
 
 
 class TextScorer:
@@ -87,7 +134,7 @@ class TextScorer:
         started = time.monotonic()
         self.predictor = Predictor.load(model, device=device, batch_size=batch_size)
         self.cache = LabelCache(cache, self.predictor.model_version)
-        self.known = self.cache.load()
+        self.known = self.cache.load(self.predictor.label_names)
         self.run_id = run_id
         log.info("scorer ready in %.1fs: model %s on %s, %d torch threads, %d cached labels",
                  time.monotonic() - started, self.predictor.model_version, self.predictor.device,
@@ -113,8 +160,8 @@ class ApplyLabels:
     """
 
     def __init__(self, cache: str, model_version: str, text_column: str, max_chars: int, labeled_at: str,
-                 review_threshold: float = 0.0):
-        self.labels = LabelCache(cache, model_version).load()
+                 review_threshold: float = 0.0, labels: list[str] | None = None):
+        self.labels = LabelCache(cache, model_version).load(labels)
         self.review_threshold = review_threshold
         self.model_version = model_version
         self.text_column = text_column
@@ -122,8 +169,11 @@ class ApplyLabels:
         self.labeled_at = pd.Timestamp(labeled_at)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = texts_of(batch, self.text_column)
+        batch, repaired = repair_utf8(batch)
+        other_columns = {c: rows for c, rows in repaired.items() if c != self.text_column}
         labels, confidence, errors = [], [], []
-        for value in batch.column(self.text_column).to_pylist():
+        for row, value in enumerate(texts):
             text, error = check_text(value, self.max_chars)
             if text is not None:
                 hit = self.labels.get(text)
@@ -137,6 +187,10 @@ class ApplyLabels:
             else:
                 labels.append(None)
                 confidence.append(None)
+            if error is None:  # the label stands; a person should still see the repaired value
+                bad = [c for c, rows in other_columns.items() if row in rows]
+                if bad:
+                    error = f"column(s) {bad} not valid UTF-8: stored with U+FFFD for the bad bytes"
             errors.append(error)
         n = batch.num_rows
         return (batch.append_column("label", pa.array(labels, pa.string()))
@@ -146,4 +200,5 @@ class ApplyLabels:
                 .append_column("error", pa.array(errors, pa.string()))
                 # A person should look at every doubtful label and every line that got none.
                 .append_column("needs_review", pa.array(
-                    [e is not None or c < self.review_threshold for c, e in zip(confidence, errors)], pa.bool_())))
+                    [e is not None or c is None or c < self.review_threshold for c, e in zip(confidence, errors)],
+                    pa.bool_())))

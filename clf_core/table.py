@@ -65,6 +65,11 @@ class CommitError(ClfError):
     """A partition's new files do not add up to its input; nothing was committed."""
 
 
+class TableError(ClfError):
+    """The output table exists but cannot be read (unreadable metadata, an unreachable store):
+    a run-time failure (exit 1), named with the object and the fix, never a traceback."""
+
+
 # ---- the catalog -------------------------------------------------------------------------------
 
 # Iceberg I/O goes through fsspec (s3fs) like every other read and write of this project, so the
@@ -179,8 +184,13 @@ class LabeledTable:
         except NoSuchTableError:
             self.table = None
         except Exception as exc:  # unreadable metadata, an unreachable catalog or store: named, no traceback
-            raise ClfError(f"cannot load table {identifier} from catalog {catalog_name!r}: "
-                           f"{type(exc).__name__}: {exc}") from exc
+            current, previous = metadata_locations(self.catalog, identifier)
+            where = f"its metadata file {current}" if current else "its metadata"
+            fix = (f"Restore that file (object versioning, a backup), or point the catalog back at the previous "
+                   f"one, {previous}." if previous else "Check the catalog and the object store it points at.")
+            raise TableError(f"cannot read table {identifier} of catalog {catalog_name!r}: {where} could not be "
+                             f"loaded ({type(exc).__name__}: {str(exc).strip()[:300]}). Nothing was labeled. "
+                             f"{fix}") from exc
         if self.table is not None:
             self._check_layout()
 
@@ -387,6 +397,29 @@ class LabeledTable:
             if got != expected:
                 raise CommitError(f"{partition}: {path} holds rows of {self.partition_key}={got}; not committed")
         return files
+
+
+def metadata_locations(catalog, identifier: str) -> tuple[str | None, str | None]:
+    """(current, previous) metadata file of a table as the catalog records them, for messages;
+    (None, None) where the catalog cannot say (only the SQL and Glue catalogs are asked)."""
+    namespace, name = identifier.split(".", 1)
+    try:
+        if type(catalog).__name__ == "SqlCatalog":
+            from pyiceberg.catalog.sql import IcebergTables
+            from sqlalchemy import select
+            from sqlalchemy.orm import Session
+
+            with Session(catalog.engine) as session:
+                row = session.scalar(select(IcebergTables).where(
+                    IcebergTables.catalog_name == catalog.name, IcebergTables.table_namespace == namespace,
+                    IcebergTables.table_name == name))
+            return (row.metadata_location, row.previous_metadata_location) if row else (None, None)
+        if type(catalog).__name__ == "GlueCatalog":
+            params = catalog.glue.get_table(DatabaseName=namespace, Name=name)["Table"].get("Parameters", {})
+            return params.get("metadata_location"), params.get("previous_metadata_location")
+    except Exception:  # only for a message: never hide the original error behind a second one
+        pass
+    return None, None
 
 
 def commits_as_of(table, snapshot_id: int | None) -> dict[str, PartitionCommit]:

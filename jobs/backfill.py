@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from clf_core.errors import ClfError, ConfigError
+from clf_core.table import LabeledTable, TableError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.labeling import execute, parse_date, plan, settings_from_args
     from clf_core.logs import setup_logging
-    from clf_core.table import LabeledTable
 
     setup_logging()
     try:
@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         model_version = open_artifact(settings.model).model_version
         table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
         todo = plan(settings, model_version, table, start, end, mode="backfill")
+    except TableError as exc:  # the table exists but cannot be read: a run-time failure
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -376,7 +376,7 @@ def bench_dedup(settings: BenchSettings, artifact: str, work: Path) -> dict:
         return len(ledger)
 
     def dedup(cache_uri: str) -> int:
-        distinct = distinct_valid_texts(ledger, "texts", 2000)["text"].tolist()
+        distinct = distinct_valid_texts(table, "texts", 2000)["text"].to_pylist()
         known = LabelCache(cache_uri, version).load()
         todo = [t for t in distinct if t not in known]
         if todo:

@@ -26,6 +26,7 @@ import logging
 import sys
 
 from clf_core.errors import ClfError
+from clf_core.table import LabeledTable, TableError
 
 log = logging.getLogger("jobs.label")
 
@@ -43,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.labeling import execute, plan, settings_from_args
     from clf_core.logs import setup_logging
-    from clf_core.table import LabeledTable
 
     setup_logging()
     try:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         model_version = open_artifact(settings.model).model_version   # a bad --model fails here, not in an actor
         table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
         todo = plan(settings, model_version, table)
+    except TableError as exc:  # the table exists but cannot be read: a run-time failure
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

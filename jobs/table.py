@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from clf_core import table_maintenance as maintenance
     from clf_core.logs import setup_logging
-    from clf_core.table import LabeledTable
+    from clf_core.table import LabeledTable, TableError
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'would remove' if args.dry_run else 'removed'} {len(orphans)} orphan file(s)")
             for uri in orphans:
                 print(f"  {uri}")
+    except TableError as exc:  # the table exists but cannot be read: a run-time failure
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -460,7 +460,7 @@ def label_like_the_job(partition: Partition, run_schema: pa.Schema, work: Path) 
     dataset (one merged schema), pass 1 (distinct valid texts -> the label cache, a stand-in
     model labels everything Income), pass 2 (ApplyLabels)."""
     table = pads.dataset(partition.files, format="parquet", schema=run_schema).to_table()
-    texts = distinct_valid_texts(table.select(["texts"]).to_pandas(), "texts", MAX_CHARS)
+    texts = distinct_valid_texts(table.select(["texts"]), "texts", MAX_CHARS).to_pandas()
     if len(texts):
         LabelCache(str(work / "cache"), "v-fuzz").append(
             texts.assign(label="Income", confidence=0.75)[[TEXT, "label", "confidence"]], "run")

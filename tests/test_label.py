@@ -679,3 +679,99 @@ def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, ice
         # a run that left a partition deleted the files it wrote for it: no unlisted file either
         stored = {"s3://" + p for p in fs.find(table.location().split("://", 1)[1] + "/data")}
         assert live <= stored == listed, f"files no snapshot lists: {sorted(stored - listed)}"
+
+
+# ---- bad input that must not stop a night (issue 16) ---------------------------------------------
+
+def invalid_utf8(values: list[bytes | None]) -> pa.Array:
+    """A string array holding these raw bytes as they are, valid UTF-8 or not (as a Parquet file
+    written by another tool can: pyarrow does not check string columns on read)."""
+    offsets, data = [0], b""
+    for v in values:
+        data += v or b""
+        offsets.append(len(data))
+    validity = pa.array([v is not None for v in values]).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), len(values), [validity, pa.array(offsets, pa.int32()).buffers()[1],
+                                                            pa.py_buffer(data)])
+
+
+def test_the_label_cache_drops_bad_entries_and_skips_unreadable_files(tiny_artifact, tmp_path, caplog):
+    """A poisoned or broken cache never decides a label: entries naming a class the model does
+    not have, confidences outside [0, 1] and missing texts are dropped, an unreadable file is
+    skipped with a warning, and the scorer scores those texts again."""
+    from clf_core.label_cache import LabelCache
+    from clf_core.predict import Predictor
+
+    version = Predictor.load(tiny_artifact).model_version
+    cache = LabelCache(str(tmp_path / "cache"), version)
+    cache.append(pd.DataFrame({"text": ["Rent", "Gas", "Water", None, "Laundry"],
+                               "label": ["Income", "Refund", "Expense", "Income", "Income"],
+                               "confidence": [0.97, 0.99, 1.5, 0.9, float("nan")]}), "poisoned")
+    (tmp_path / "cache" / version / "broken.parquet").write_bytes(b"PAR1 not really")
+    with caplog.at_level("WARNING"):
+        known = cache.load(["Expense", "Income"])
+    assert known == {"Rent": ("Income", 0.97)}
+    assert "broken.parquet cannot be read" in caplog.text and "4 entr(ies)" in caplog.text
+    scorer = TextScorer(tiny_artifact, str(tmp_path / "cache"), run_id="r1", batch_size=8)
+    out = scorer(pd.DataFrame({"text": ["Rent", "Gas", "Water", "Laundry"]}))
+    assert (out["scored"].item(), out["cache_hits"].item()) == (3, 1)
+    assert set(LabelCache(str(tmp_path / "cache"), version).load(["Expense", "Income"])) == {"Rent", "Gas", "Water",
+                                                                                           "Laundry"}
+
+
+@pytest.mark.integration
+def test_invalid_utf8_in_a_string_column_becomes_the_rows_error(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                                tiny_artifact):
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+    rows = pa.table({"row_id": pa.array([1, 2, 3, 4], pa.int64()),
+                     "texts": invalid_utf8([b"Less: Gas", b"Plus: Re\xffnt", b"Less: Water", None]),
+                     "memo": invalid_utf8([b"ok", b"ok", b"bad \xfe\xff byte", b"ok"])})
+    write_partition(src, DAYS[0], rows, files=1)
+    write_partition(src, DAYS[1], ledger_day(20, 1))
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 0
+    out = read_labeled(iceberg_catalog, table_name).set_index("row_id")
+    assert len(out) == 24 and out.index.is_unique
+    assert out.loc[2, "error"] == "text is not valid UTF-8" and pd.isna(out.loc[2, "label"])
+    assert out.loc[2, "texts"] == "Plus: Re\ufffdnt" and out.loc[2, "needs_review"]
+    assert out.loc[3, "label"] in ("Expense", "Income") and "['memo'] not valid UTF-8" in out.loc[3, "error"]
+    assert out.loc[3, "memo"] == "bad \ufffd\ufffd byte" and out.loc[3, "needs_review"]
+    assert pd.isna(out.loc[1, "error"]) and out.loc[4, "error"] == "text is null"
+
+
+@pytest.mark.integration
+def test_odd_partition_folders_fail_by_name_and_an_empty_one_commits(ray_cluster, s3_bucket, iceberg_catalog,
+                                                                     table_name, tiny_artifact, capsys):
+    """Folders Hive partitioning would read back as another value (a second '=', a URL-encoded
+    value) or that nest a second key=value level fail on their own, by name; a partition whose
+    files hold no rows commits as labeled with 0 rows; the others go on, now and on the re-run."""
+    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
+    write_partition(src, DAYS[0], ledger_day(20, 0))
+    write_partition(src, DAYS[1], ledger_day(20, 1).iloc[:0], files=1)  # a night with no lines
+    for odd in ("2024%2D03%2D03", "a=b", "2024-03-05/region=us"):
+        write_partition(src, odd, ledger_day(5, 7), files=1)
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 1
+    report = capsys.readouterr().out
+    assert "FAILED dt=2024%2D03%2D03: folder dt=2024%2D03%2D03: its value '2024%2D03%2D03' holds '%'" in report
+    assert "FAILED dt=a=b: folder dt=a=b: its value 'a=b' holds a second '='" in report
+    assert "FAILED dt=2024-03-05: folder dt=2024-03-05 holds nested partition folder(s) ['region=us']" in report
+    done = commits(iceberg_catalog, table_name)
+    assert set(done) == {f"dt={DAYS[0]}", f"dt={DAYS[1]}"} and done[f"dt={DAYS[1]}"].input_rows == 0
+    assert sorted(read_labeled(iceberg_catalog, table_name)["dt"].unique()) == [DAYS[0]]
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 1
+    again = figures(capsys.readouterr().out)
+    assert (again["labeled"], again["skipped"], again["failed"]) == (0, 2, 3)
+
+
+@pytest.mark.integration
+def test_unreadable_table_metadata_is_named_and_exits_1(iceberg_catalog, table_name, tiny_artifact, local_s3, capsys):
+    commit_rows(iceberg_catalog, table_name, DAYS[0], labeled_rows(["Rent"], [1]))
+    metadata = open_table(iceberg_catalog, table_name).table.metadata_location
+    local_s3.filesystem().pipe(metadata.split("://", 1)[1], b'{"format-version": 2, "truncated')
+    args = ["--model", tiny_artifact, "--input", "unused", "--catalog", iceberg_catalog, "--output-table", table_name,
+            "--cache", "unused-cache"]
+    assert label.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read table {table_name} of catalog '{iceberg_catalog}': its metadata file {metadata}" in err
+    assert "Nothing was labeled" in err and "Traceback" not in err
+    assert table_job.main(["history", "--catalog", iceberg_catalog, "--table", table_name]) == 1
+    assert metadata in capsys.readouterr().err

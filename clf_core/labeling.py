@@ -202,6 +202,7 @@ def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start
                    else all(is_date(p.value) for p in found if not p.problem))
     records = table.commits()
     pl = Plan(todo=[], skipped=[], failed={}, key_is_date=key_is_date, mode=mode)
+    candidates = []
     for p in found:
         if p.problem:  # found unreadable at discovery (an odd folder name or layout)
             pl.failed[p.name] = p.problem
@@ -214,7 +215,12 @@ def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start
             pl.failed[p.name] = (f"{p.value!r} is not a date (YYYY-MM-DD), and table {table.identifier} stores "
                                  f"{settings.partition_key} as a date; rename the folder, or label it into another table")
             continue
-        parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,))
+        pl.why[p.name] = why
+        candidates.append(p)
+    footers = parts.read_footers(candidates)  # all at once; the checks below go in partition order
+    misfits: dict[str, str | None] = {}        # most files of a ledger share one schema: check each once
+    for p in candidates:
+        parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,), footers)
         if not p.problem:
             for uri, schema in p.schemas.items():
                 conflict = parts.schema_conflict(pl.schema, schema)
@@ -223,17 +229,18 @@ def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start
                                  f"(first: {pl.todo[0].files[0]}): {conflict}. A run reads all its partitions "
                                  f"as one dataset; once they are committed, a re-run labels {p.name} on its own.")
                     break
-                misfit = table.check_input_schema(schema)
+                key = schema.to_string()
+                misfit = misfits[key] if key in misfits else misfits.setdefault(key, table.check_input_schema(schema))
                 if misfit:
                     p.problem = f"{uri} {misfit}. Rewrite the file with the table's column types."
                     break
         if p.problem:
             pl.failed[p.name] = p.problem
+            pl.why.pop(p.name, None)
             continue
         for schema in p.schemas.values():
             pl.schema = parts.merge_schemas(pl.schema, schema)
         pl.todo.append(p)
-        pl.why[p.name] = why
         if p.name in records:
             pl.planned_on[p.name] = records[p.name]
     return pl

@@ -43,27 +43,43 @@ def _uri(base: str, path: str) -> str:
 
 
 def discover(input_uri: str, key: str = "dt") -> list[Partition]:
-    """The `<key>=<value>` folders directly under input_uri, sorted by value, with their files."""
+    """The `<key>=<value>` folders directly under input_uri, sorted by value, with their files.
+
+    One recursive listing of the whole prefix (S3: a paginated LIST, 1,000 keys a request),
+    grouped by folder here: a listing per partition folder costs a round trip each, minutes
+    for a multi-year backfill on S3."""
     fs, root = storage.filesystem(input_uri)
     fs.invalidate_cache()  # a long-lived process (a notebook, the tests) must see files that arrived since
     if not fs.isdir(root):
         raise ClfError(f"--input {input_uri} is not a folder or prefix (or does not exist). Point it at the "
                        f"parent of the {key}=YYYY-MM-DD/ folders, and check the bucket and AWS credentials.")
+    root = root.rstrip("/")
     pattern = re.compile(rf"^{re.escape(key)}=(.+)$")
+    folders: dict[str, dict[str, dict]] = {}
+    for path, info in fs.find(root, detail=True, withdirs=True).items():
+        rel = path[len(root):].strip("/")
+        if not rel:
+            continue
+        name, _, below = rel.partition("/")
+        if below or info.get("type") == "directory":
+            folders.setdefault(name, {})
+            if below and info.get("type") != "directory":
+                folders[name][path] = info
+        elif not name.startswith(("_", ".")):
+            log.warning("ignoring %s: a file, not a %s=... partition folder", name, key)
     partitions = []
-    for entry in fs.ls(root, detail=True):
-        name = posixpath.basename(entry["name"].rstrip("/"))
+    for name, found in folders.items():
         match = pattern.match(name)
-        if entry["type"] != "directory" or not match:
+        if not match:
             if not name.startswith(("_", ".")):
                 log.warning("ignoring %s: not a %s=... partition folder", name, key)
             continue
-        found = fs.find(entry["name"], detail=True)
+        folder = f"{root}/{name}"
         versions = {_uri(input_uri, path): (int(info.get("size") or 0), _version(info)) for path, info in found.items()
                     if path.endswith(".parquet")
-                    and not any(s.startswith(("_", ".")) for s in path[len(entry["name"]):].split("/"))}
+                    and not any(s.startswith(("_", ".")) for s in path[len(folder):].split("/"))}
         partition = Partition(name, match.group(1), sorted(versions), versions)
-        partition.problem = folder_problem(name, partition.value, key, found, entry["name"])
+        partition.problem = folder_problem(name, partition.value, key, found, folder)
         partitions.append(partition)
     return sorted(partitions, key=lambda p: p.value)
 
@@ -115,9 +131,35 @@ def schema_conflict(merged: pa.Schema | None, schema: pa.Schema) -> str | None:
     return None
 
 
-def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -> Partition:
-    """Read each file's footer (metadata only): row counts, and the schema checks that would
-    otherwise fail mid-run. A problem names the file and the fix.
+FOOTER_READERS = 32   # concurrent footer reads: each is one or two small ranged GETs, all I/O
+
+
+def read_footer(uri: str):
+    """(row count, Arrow schema) from a Parquet file's footer, or the exception that stopped it.
+    Opened with small blocks: the footer is read with a ranged request, not the file."""
+    fs, path = storage.filesystem(uri)
+    try:
+        with fs.open(path, "rb", block_size=1 << 16) if storage.is_remote(uri) else fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return meta.num_rows, meta.schema.to_arrow_schema().remove_metadata()
+    except Exception as exc:  # truncated, not Parquet, unreadable: the partition fails, others go on
+        return exc
+
+
+def read_footers(partitions: list[Partition]) -> dict[str, object]:
+    """Every file's footer (see read_footer), read concurrently: planning a backfill over
+    thousands of files waits for the slowest few requests, not for their sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uris = [uri for p in partitions for uri in p.files]
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_READERS, len(uris)))) as pool:
+        return dict(zip(uris, pool.map(read_footer, uris)))
+
+
+def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...], footers: dict | None = None) -> Partition:
+    """Check each file's footer (metadata only; `footers` from read_footers, else read here): row
+    counts, and the schema checks that would otherwise fail mid-run. A problem names the file
+    and the fix.
 
     Files may differ in columns (a missing column reads as null) but not in a column's type:
     Ray Data merges the schemas of all the files it reads and fails the whole run, naming no
@@ -128,15 +170,12 @@ def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -
     rows = 0
     merged = None
     for uri in partition.files:
-        fs, path = storage.filesystem(uri)
-        try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-                schema = meta.schema.to_arrow_schema().remove_metadata()
-                names = schema.names
-        except Exception as exc:  # truncated, not Parquet, unreadable: the partition fails, others go on
-            partition.problem = f"cannot read {uri}: {type(exc).__name__}: {exc}"
+        footer = footers[uri] if footers is not None and uri in footers else read_footer(uri)
+        if isinstance(footer, Exception):
+            partition.problem = f"cannot read {uri}: {type(footer).__name__}: {footer}"
             return partition
+        num_rows, schema = footer
+        names = schema.names
         if text_column not in names:
             partition.problem = (f"{uri} has no text column {text_column!r}; its columns are {names}. "
                                  f"Pass the right name with --text-column.")
@@ -154,6 +193,6 @@ def inspect(partition: Partition, text_column: str, reserved: tuple[str, ...]) -
             return partition
         merged = merge_schemas(merged, schema)
         partition.schemas[uri] = schema
-        rows += meta.num_rows
+        rows += num_rows
     partition.rows = rows
     return partition

@@ -6,21 +6,33 @@
       tokenizer/...            tokenizer files (JSON / text: nothing executable)
       <extra files>            e.g. the evaluation report the train job adds
 
-The frozen backbone is not copied: the manifest names it (hub id or URI) with its fingerprint,
-and loading refuses a backbone whose fingerprint differs. `model_version` is a hash of the
-content (weights, tokenizer, backbone fingerprint, labels, settings), not of the time it was
-made: the same model always gets the same version, a different one never does.
+The frozen backbone is not copied: the manifest names it (hub id or URI) and its content (the
+sha256 of every file loading can read, clf_core.model.backbone_fingerprint), and loading refuses
+any other backbone. `model_version` is a hash of everything loading builds the model from (weights,
+tokenizer, the backbone's content, the model/lora/data settings), not of the time it was made: the
+same model always gets the same version, a different one never does. The top-level copies of
+settings (labels, max_tokens, quantization, pooling, lora, backbone id) are for readers; loading
+refuses an artifact whose copies disagree with its `config`.
+
+Formats: "clf-artifact/2" (written now) as above. "clf-artifact/1" artifacts still load, with the
+version hash they were published with, so labels they made keep their cache keys; their settings
+are cross-checked the same way, but their backbone is named only by file headers and sizes (see
+clf_core.predict.backbone_for), and they cannot use a pre-quantized backbone.
 
 Nothing here unpickles anything: weights are read with safetensors only, every file is checked
 against the manifest before use, and a directory holding any file the manifest does not list
-(a `.bin`, `.pt` or `.pkl` dropped beside it, say) is refused.
+(a `.bin`, `.pt` or `.pkl` dropped beside it, say), a symlink, or a manifest entry that is not a
+plain relative path is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,11 +43,12 @@ from safetensors.torch import load_file, save_file
 
 from clf_core import storage
 from clf_core.config import ClassifierConfig
-from clf_core.errors import ArtifactError
+from clf_core.errors import ArtifactError, ClfError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "clf-artifact/1"
+FORMAT = "clf-artifact/2"
+FORMATS = {"clf-artifact/1": 1, "clf-artifact/2": 2}
 MANIFEST = "manifest.json"
 ADAPTER = "adapter.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -49,19 +62,53 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def prediction_settings(config: dict) -> dict:
+    """The part of `config` that decides predictions, for the model_version (clf-artifact/2).
+
+    Every section but `train`, in full: the loader builds the model from model.* (quantization,
+    double quant, compute dtype, pooling, max tokens...), lora.* and data.* (labels and their
+    order), and a section added later is covered without anyone remembering to. `train` is left
+    out: it shapes predictions only through the weights, which are hashed themselves (the adapter
+    file); loading reads only train.seed, to initialise tensors the saved adapter then replaces in
+    full (a missing adapter key is refused). model.backbone is left out too: it says where the
+    backbone is, and the backbone's content hash (in the version) says which one it is, so a
+    backbone moved to another bucket keeps the version. Settings that cannot change an answer
+    (model.device, model.gradient_checkpointing) stay in: a needless new version costs a cache
+    miss, a missed setting would cost wrong labels under an old version.
+    """
+    settings = {section: values for section, values in config.items() if section != "train"}
+    settings["model"] = {k: v for k, v in settings.get("model", {}).items() if k != "backbone"}
+    return settings
+
+
 def compute_model_version(manifest: dict) -> str:
     """Content hash of what decides predictions; the evaluation files and timestamps are left out."""
     model_files = {k: v for k, v in manifest["files"].items() if k == ADAPTER or k.startswith(TOKENIZER_DIR + "/")}
-    identity = {
-        "files": model_files,
-        "backbone": manifest["backbone"],
-        "labels": manifest["labels"],
-        "max_tokens": manifest["max_tokens"],
-        "quantization": manifest["quantization"],
-        "lora": manifest["lora"],
-    }
-    if "pooling" in manifest:  # absent from artifacts written before the setting existed
-        identity["pooling"] = manifest["pooling"]
+    if manifest.get("format") == "clf-artifact/1":
+        # Kept byte for byte, so artifacts published before clf-artifact/2 keep their version.
+        identity = {
+            "files": model_files,
+            "backbone": manifest["backbone"],
+            "labels": manifest["labels"],
+            "max_tokens": manifest["max_tokens"],
+            "quantization": manifest["quantization"],
+            "lora": manifest["lora"],
+        }
+        if "pooling" in manifest:  # absent from artifacts written before the setting existed
+            identity["pooling"] = manifest["pooling"]
+    else:
+        # The backbone by content only: its id is where it lives, and the list of approved
+        # pre-quantized copies (approve_backbone_copy) holds the same weights, so neither changes
+        # the version, and labels made through any approved copy share the label cache.
+        identity = {
+            "format": manifest["format"],
+            "files": model_files,
+            "backbone": manifest["backbone"]["sha256"],
+            "config": prediction_settings(manifest["config"]),
+        }
     blob = json.dumps(identity, sort_keys=True).encode()
     return "v" + hashlib.sha256(blob).hexdigest()[:12]
 
@@ -73,6 +120,11 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
         raise ArtifactError(f"{root} is not empty; artifacts are written into a new directory")
+    if not SHA256.fullmatch(str(backbone.get("sha256"))):
+        raise ArtifactError(
+            f"backbone {backbone.get('id')!r} has no content hash (sha256 = {backbone.get('sha256')!r}); an "
+            f"artifact must name its backbone by content. Pass clf_core.model.backbone_fingerprint(<directory>)."
+        )
     root.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state, root / ADAPTER, metadata={"format": "pt"})
     tokenizer.save_pretrained(root / TOKENIZER_DIR)
@@ -138,6 +190,10 @@ class Artifact:
         return self.manifest["model_version"]
 
     @property
+    def format_version(self) -> int:
+        return FORMATS[self.manifest["format"]]
+
+    @property
     def labels(self) -> list[str]:
         return self.manifest["labels"]
 
@@ -162,8 +218,109 @@ def open_artifact(uri: str) -> Artifact:
             f"published by jobs.train."
         ) from exc
     version_key = hashlib.sha256(manifest_text.encode()).hexdigest()
-    local = storage.local_copy(str(uri), kind="artifacts", version=version_key)
+    try:
+        local = storage.local_copy(str(uri), kind="artifacts", version=version_key)
+    except ArtifactError:
+        raise
+    except ClfError as exc:  # e.g. a key that would write outside the download folder
+        raise ArtifactError(f"artifact {uri} was not downloaded: {exc}") from exc
     return verify_artifact(local)
+
+
+# Keys every manifest has, each with the type it must hold. A manifest missing one is refused by
+# name (not with a KeyError from deep inside loading).
+REQUIRED_KEYS = {"format": str, "model_version": str, "files": dict, "backbone": dict, "config": dict,
+                 "labels": list, "max_tokens": int, "quantization": dict, "lora": dict}
+
+
+def check_manifest_keys(root: Path, manifest: dict) -> None:
+    for key, kind in REQUIRED_KEYS.items():
+        if key not in manifest:
+            raise ArtifactError(f"{root / MANIFEST} has no {key!r} key: not a complete artifact manifest. "
+                                f"Re-publish the model with jobs.train.")
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            raise ArtifactError(f"{root / MANIFEST}: {key!r} holds {type(manifest[key]).__name__} "
+                                f"{manifest[key]!r:.80}, expected a {kind.__name__}. Re-publish the model.")
+    bad_sections = [k for k, v in manifest["config"].items() if not isinstance(v, dict)]
+    if bad_sections:
+        raise ArtifactError(f"{root / MANIFEST}: config section(s) {bad_sections} do not hold settings "
+                            f"(model, lora, data, train are mappings). Re-publish the model.")
+    if not isinstance(manifest["backbone"].get("id"), str):
+        raise ArtifactError(f"{root / MANIFEST}: backbone has no 'id' (the hub id, directory or URI it "
+                            f"was trained on). Re-publish the model.")
+    if manifest["format"] != "clf-artifact/1":
+        backbone = manifest["backbone"]
+        if not SHA256.fullmatch(str(backbone.get("sha256"))):
+            raise ArtifactError(
+                f"{root / MANIFEST}: backbone.sha256 = {backbone.get('sha256')!r} is not a sha256 hex digest; a "
+                f"{manifest['format']} artifact names its backbone by content. Re-publish the model."
+            )
+        approved = backbone.get("prequantized", [])
+        if not isinstance(approved, list) or not all(SHA256.fullmatch(str(h)) for h in approved):
+            raise ArtifactError(f"{root / MANIFEST}: backbone.prequantized = {approved!r:.120} must be a list "
+                                f"of sha256 hex digests (see approve_backbone_copy).")
+
+
+def check_file_entries(root: Path, listed: dict) -> None:
+    """Every manifest entry must be a plain relative path to a regular file inside root."""
+    for rel, digest in listed.items():
+        segments = str(rel).split("/")
+        if not rel or any(s in ("", ".", "..") for s in segments) or "\\" in rel:
+            raise ArtifactError(
+                f"{root / MANIFEST} lists file {rel!r}, which is not a plain relative path (an empty, '.' "
+                f"or '..' segment, an absolute path or a backslash): it could name a file outside the "
+                f"artifact. The manifest was altered or badly written; re-publish the model."
+            )
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise ArtifactError(f"{root / MANIFEST}: the sha256 of {rel!r} is {digest!r:.80}, not a hex digest. "
+                                f"Re-publish the model.")
+
+
+def files_on_disk(root: Path) -> set[str]:
+    """Every file under root (relative POSIX paths), refusing any symlink: a link could point at a
+    file outside the artifact that its manifest never vouched for, or change after verification."""
+    present = set()
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path.is_symlink():
+                raise ArtifactError(
+                    f"{root} holds a symlink, {path.relative_to(root).as_posix()} -> {os.readlink(path)}: "
+                    f"an artifact holds regular files only. Copy it with the files themselves (cp -L) or re-publish."
+                )
+        present.update(Path(folder, name).relative_to(root).as_posix() for name in files)
+    return present
+
+
+def check_settings(root: Path, manifest: dict) -> None:
+    """Refuse an artifact whose top-level copies disagree with the config the loader builds from."""
+    try:
+        cfg = Artifact(root, manifest).config()
+    except ClfError as exc:
+        raise ArtifactError(f"{root / MANIFEST}: its config cannot build a model: {exc}") from exc
+    expected = {
+        "labels": list(cfg.data.labels),
+        "max_tokens": cfg.model.max_tokens,
+        "quantization": {"method": cfg.model.quantization, "double_quant": cfg.model.double_quant},
+        "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                 "target_modules": list(cfg.lora.target_modules)},
+        "text_column": cfg.data.text_column,
+        "pooling": cfg.model.pooling,
+    }
+    recorded = {k: manifest[k] for k in expected if k in manifest}
+    recorded.setdefault("pooling", "native")  # artifacts from before the setting existed
+    if manifest["backbone"]["id"] != cfg.model.backbone:
+        raise ArtifactError(
+            f"{root / MANIFEST}: backbone.id = {manifest['backbone']['id']!r} but config model.backbone = "
+            f"{cfg.model.backbone!r}; the manifest was edited. Re-publish the model."
+        )
+    for key, value in recorded.items():
+        if value != expected[key]:
+            raise ArtifactError(
+                f"{root / MANIFEST}: {key} = {value!r} but its config (which the model is built from) says "
+                f"{expected[key]!r}; the manifest was edited, so which model it describes is unknown. "
+                f"Re-publish the model."
+            )
 
 
 def verify_artifact(root: str | Path) -> Artifact:
@@ -172,10 +329,15 @@ def verify_artifact(root: str | Path) -> Artifact:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{root / MANIFEST} is missing or not valid JSON: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{root}: unknown artifact format {manifest.get('format')!r}; expected {FORMAT}")
-    listed = manifest.get("files", {})
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{root / MANIFEST} holds a {type(manifest).__name__}, not a manifest object")
+    if manifest.get("format") not in FORMATS:
+        raise ArtifactError(f"{root}: unknown artifact format {manifest.get('format')!r}; expected one of "
+                            f"{sorted(FORMATS)}. A newer clf_core may read it.")
+    check_manifest_keys(root, manifest)
+    listed = manifest["files"]
+    check_file_entries(root, listed)
+    present = files_on_disk(root) - {MANIFEST}
     unlisted = sorted(present - set(listed))
     if unlisted:
         raise ArtifactError(
@@ -192,6 +354,40 @@ def verify_artifact(root: str | Path) -> Artifact:
                 f"{root}: {rel} does not match its manifest (sha256 {actual[:12]}... != "
                 f"{expected[:12]}...): the file was changed or corrupted. Re-publish or re-download it."
             )
-    if compute_model_version(manifest) != manifest.get("model_version"):
-        raise ArtifactError(f"{root}: model_version {manifest.get('model_version')!r} does not match the manifest's content")
+    if compute_model_version(manifest) != manifest["model_version"]:
+        raise ArtifactError(f"{root}: model_version {manifest['model_version']!r} does not match the manifest's content "
+                            f"(its settings, backbone or files were edited after publishing). Re-publish the model.")
+    check_settings(root, manifest)
     return Artifact(root, manifest)
+
+
+def approve_backbone_copy(uri: str, sha256: str) -> dict:
+    """Let Predictor.load(uri, backbone=<copy>) accept a copy of the backbone whose content hash
+    is `sha256`: the publisher's step after making a pre-quantized copy (clf_core.prequantize.approve
+    checks the copy and calls this). Return the new manifest.
+
+    Only manifest.json is rewritten, in one write. The model_version stays (see
+    compute_model_version): an approved copy holds the backbone's weights quantized ahead instead
+    of at load, and scores the same.
+    """
+    art = open_artifact(uri)  # never vouch for anything inside an artifact that does not verify
+    if art.format_version < 2:
+        raise ArtifactError(f"{uri} is a {art.manifest['format']} artifact, which names its backbone by headers "
+                            f"only; a backbone copy can be approved only for clf-artifact/2. Re-train to get one.")
+    if not SHA256.fullmatch(sha256):
+        raise ArtifactError(f"{sha256!r} is not a sha256 hex digest (clf_core.model.backbone_fingerprint(dir)['sha256'])")
+    manifest = copy.deepcopy(art.manifest)
+    approved = manifest["backbone"].setdefault("prequantized", [])
+    if sha256 in approved or sha256 == manifest["backbone"]["sha256"]:
+        return manifest
+    approved.append(sha256)
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if storage.is_remote(uri):
+        storage.write_bytes(storage.join(uri, MANIFEST), data)  # one PUT: readers see old or new
+    else:
+        path = Path(str(uri).removeprefix("file://"), MANIFEST)
+        tmp = path.with_name(f"{MANIFEST}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    log.info("approved backbone copy %s for model %s at %s", sha256[:12], art.model_version, uri)
+    return manifest

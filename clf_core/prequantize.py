@@ -1,7 +1,8 @@
 """Quantize a backbone to nf4 once and save the 4-bit weights, so scoring actors skip the work.
 
-    from clf_core.prequantize import prequantize
+    from clf_core.prequantize import prequantize, approve
     prequantize(cfg, "/models/mistral-7b", "/models/mistral-7b-nf4")      # once, on any machine
+    approve("s3://models/ledger-clf/v3", "/models/mistral-7b-nf4")         # the publisher, once
     Predictor.load("s3://models/ledger-clf/v3", backbone="/models/mistral-7b-nf4")
 
 Every actor that loads a 16-bit base reads 14.5 GB of Mistral-7B weights and quantizes them on
@@ -9,9 +10,11 @@ start; a pre-quantized copy is ~4 GB of safetensors that `from_pretrained` loads
 `quantization_config` saved in its config.json says so). Only the base transformer is saved (no
 LM head: the classifier adds its own), next to the tokenizer files.
 
-The artifact's backbone check stays meaningful: `prequantized.json` records the fingerprint of the
-weights the copy was made from and of the copy as written; `clf_core.model.backbone_fingerprint`
-answers the source's fingerprint only while the copy is unchanged.
+The artifact's backbone check stays meaningful: an artifact accepts a pre-quantized copy only when
+its manifest lists the copy's content hash (`approve` adds it, clf_core.artifact.approve_backbone_copy).
+`prequantized.json` beside the weights records where they came from, for people and for
+`approve`'s checks; nothing trusts it when loading, since anyone who can change the weights can
+change it too.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import logging
 import shutil
 from pathlib import Path
 
+from clf_core.artifact import approve_backbone_copy, open_artifact
 from clf_core.config import ClassifierConfig
-from clf_core.errors import ConfigError
-from clf_core.model import (PREQUANTIZED_META, backbone_fingerprint, directory_fingerprint, quantization_config,
-                            resolve_backbone, resolve_hardware)
+from clf_core.errors import ArtifactError, ConfigError
+from clf_core.model import PREQUANTIZED_META, backbone_fingerprint, quantization_config, resolve_backbone, resolve_hardware
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, device: str | None = None) -> dict:
     """Quantize `source` (a backbone directory or hub id) as `cfg.model` says and save it into
-    `directory` (new or empty); return the metadata written beside it.
+    `directory` (new or empty); return the metadata written beside it, plus `sha256`: the copy's
+    content hash, which an artifact must list before it loads with the copy (see `approve`).
 
     Quantize on the kind of device that will load it: bitsandbytes packs 4-bit weights the same
     way on CPU and GPU, but the compute dtype saved is the quantizing device's (the loader
@@ -50,18 +54,55 @@ def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, devic
         raise ConfigError(f"{source} is already pre-quantized; give the original weights")
     hw = resolve_hardware(cfg.model, device)
     base = AutoModel.from_pretrained(local, quantization_config=quantization_config(cfg.model, hw),
-                                     dtype=hw.compute_dtype, device_map={"": hw.device})
+                                     dtype=hw.compute_dtype, device_map={"": hw.device}, use_safetensors=True)
     root.mkdir(parents=True, exist_ok=True)
     base.save_pretrained(root, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (Path(local) / name).is_file():
             shutil.copy2(Path(local) / name, root / name)
     meta = {
-        "source": {"id": source, **backbone_fingerprint(local)},
+        "source": {"id": source, "sha256": backbone_fingerprint(local)["sha256"]},
         "quantization": {"method": cfg.model.quantization, "double_quant": cfg.model.double_quant,
                          "quantized_on": hw.device.type},
-        "fingerprint": directory_fingerprint(str(root)),
     }
     (root / PREQUANTIZED_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    log.info("saved nf4 weights of %s to %s", source, root)
-    return meta
+    own = backbone_fingerprint(str(root))["sha256"]  # after prequantized.json: it is part of the copy
+    log.info("saved nf4 weights of %s to %s (content sha256 %s)", source, root, own[:12])
+    return {**meta, "sha256": own}
+
+
+def approve(artifact: str, copy: str | Path) -> str:
+    """The publisher's step: let `artifact` (a local directory or URI) load with the pre-quantized
+    `copy` as its backbone; return the copy's content hash, now listed in the manifest.
+
+    Checks first that the copy was quantized from this artifact's backbone with its quantization
+    settings, so a mix-up (another backbone's copy, double_quant off) is caught here rather than
+    scoring with other weights. Those checks read the copy's own files, which is sound only
+    because the publisher runs this on a copy it just made; loaders never trust them.
+    """
+    art = open_artifact(artifact)
+    root = Path(copy)
+    try:
+        meta = json.loads((root / PREQUANTIZED_META).read_text())
+        quant = json.loads((root / "config.json").read_text()).get("quantization_config", {})
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{root} is not a pre-quantized copy made by clf_core.prequantize ({exc}); make one "
+                          f"with prequantize(cfg, <backbone>, {str(root)!r}).") from exc
+    expected = art.manifest["backbone"].get("sha256")
+    if meta.get("source", {}).get("sha256") != expected:
+        raise ArtifactError(
+            f"{root} was quantized from a backbone with content sha256 "
+            f"{str(meta.get('source', {}).get('sha256'))[:12]}, not from model {art.model_version}'s "
+            f"({str(expected)[:12]}, {art.manifest['backbone']['id']}). Pre-quantize that backbone instead."
+        )
+    cfg = art.config()
+    made = (quant.get("bnb_4bit_quant_type"), quant.get("bnb_4bit_use_double_quant"))
+    if made != (cfg.model.quantization, cfg.model.double_quant):
+        raise ArtifactError(
+            f"{root} was quantized as {made[0]!r} with double_quant={made[1]}, but model {art.model_version} "
+            f"uses {cfg.model.quantization!r} with double_quant={cfg.model.double_quant}. Pre-quantize with "
+            f"the artifact's config: prequantize(open_artifact(...).config(), ...)."
+        )
+    sha256 = backbone_fingerprint(str(root))["sha256"]
+    approve_backbone_copy(str(artifact), sha256)
+    return sha256

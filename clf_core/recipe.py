@@ -44,9 +44,11 @@ def prepare(cfg: ClassifierConfig, device: str | torch.device | None = None) -> 
     seed_everything(cfg.train.seed)
     hw = resolve_hardware(cfg.model, device)
     source = resolve_backbone(cfg.model.backbone)
+    # The artifact names the backbone by content (and a backbone without safetensors is refused
+    # here, with the fix, before from_pretrained says less).
+    backbone = {"id": cfg.model.backbone, **backbone_fingerprint(source)}
     tokenizer = load_tokenizer(source, cfg.model.max_tokens)
     model = build_classifier(cfg, source, tokenizer, hw, for_training=True)
-    backbone = {"id": cfg.model.backbone, **backbone_fingerprint(source)}
     return Prepared(cfg, hw, source, tokenizer, model, LabelMap(cfg.data.labels), backbone)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import shutil
 from pathlib import Path
 
 import fsspec
@@ -76,18 +77,50 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         fs.put_file(str(src), target)
 
 
+def safe_relative_path(key: str, prefix: str) -> str:
+    """The path of object `key` below `prefix`, or a ClfError saying why it cannot be a file there.
+
+    An object store allows any key, "a/../../x" and "/etc/x" included; joined onto a local folder,
+    such a key writes outside it (`Path` and `open` resolve "..", and "/x" replaces the folder).
+    Only plain names are allowed, so the local tree is the remote one, never more.
+    """
+    if not key.startswith(prefix + "/"):
+        raise ClfError(f"object {key!r} is not under {prefix!r}; refusing to copy it")
+    rel = key[len(prefix) + 1:]
+    segments = rel.split("/")
+    if any(s in ("", ".", "..") for s in segments):  # "" also catches "/abs" and "a//b"
+        raise ClfError(
+            f"object key {key!r} under {prefix!r} is not a plain relative path (it has an empty, '.' or "
+            f"'..' segment, or is absolute): written to disk it could land outside the download folder, "
+            f"so nothing was downloaded. Delete that object from the bucket (or publish to a clean "
+            f"prefix) and try again."
+        )
+    return rel
+
+
 def download_dir(uri: str, local_dir: str | Path) -> Path:
-    """Copy every object under uri into local_dir; return local_dir."""
+    """Copy every object under uri into local_dir; return local_dir.
+
+    Every key is checked before the first byte is written (see safe_relative_path): one bad key
+    refuses the whole copy, so a download is either the remote tree or nothing new.
+    """
     fs, src = filesystem(uri)
     local_dir = Path(local_dir)
-    local_dir.mkdir(parents=True, exist_ok=True)
     src = src.rstrip("/")
     found = fs.find(src)
     if not found:
         raise ClfError(f"nothing found under {uri}: check the URI and your AWS credentials/endpoint")
-    for obj in found:
-        rel = posixpath.relpath(obj, src)
-        target = local_dir / rel
+    if found == [src]:
+        raise ClfError(f"{uri} is a single object, not a folder; point at the prefix that holds the files")
+    # Keys ending in "/" are the folder markers some tools create: they hold no file.
+    plan = [(obj, local_dir / safe_relative_path(obj, src)) for obj in found if not obj.endswith("/")]
+    local_dir.mkdir(parents=True, exist_ok=True)
+    root = local_dir.resolve()
+    for obj, target in plan:  # a symlink already inside an existing local_dir could still lead out
+        if not target.resolve().is_relative_to(root):
+            raise ClfError(f"object {obj!r} would be written to {target.resolve()}, outside {root}; "
+                           f"nothing was downloaded. Download into a new, empty folder.")
+    for obj, target in plan:
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(obj, str(target))
     return local_dir
@@ -98,25 +131,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLF_CACHE_DIR", Path.home() / ".cache" / "clf_core"))
 
 
-def local_copy(uri: str, kind: str, version: str = "") -> Path:
+def cached_copy_path(uri: str, kind: str, version: str = "") -> Path:
+    """Where local_copy keeps uri at this version (it may not be there yet)."""
+    key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:16]
+    return cache_dir() / kind / key
+
+
+def local_copy(uri: str, kind: str, version: str = "", refresh: bool = False) -> Path:
     """A local directory holding uri: the path itself when local, else a cached download.
 
-    The cache key is the hash of the URI and `version` (e.g. the manifest's hash, so that a
-    re-published artifact is fetched again); a download lands in a temporary folder and is renamed into
-    place only when complete, so a crash never leaves a half-copied directory that looks whole.
+    The cache key is the hash of the URI and `version` (the manifest's hash for an artifact, so
+    that a re-published one is fetched again; the expected content hash for a backbone); a
+    download lands in a temporary folder and is renamed into place only when complete, so a crash
+    never leaves a half-copied directory that looks whole, and a refused or failed download leaves
+    nothing behind. `refresh` drops a cached copy (one the caller found stale) and downloads anew.
     """
     if not is_remote(uri):
         return Path(uri.removeprefix("file://"))
-    key = hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:16]
-    target = cache_dir() / kind / key
+    target = cached_copy_path(uri, kind, version)
+    if refresh:
+        shutil.rmtree(target, ignore_errors=True)
     if target.is_dir():
         return target
-    tmp = target.with_name(f"{key}.tmp-{os.getpid()}")
-    download_dir(uri, tmp)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        download_dir(uri, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process on this node finished first: use its copy
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -34,6 +34,7 @@ import pyarrow as pa
 from clf_core import partitions as parts
 from clf_core import storage
 from clf_core.errors import ConfigError
+from clf_core.progress import Progress
 from clf_core.scoring import OUTPUT_COLUMNS, TEXT, ApplyLabels, TextScorer, distinct_valid_texts
 from clf_core.table import DATE, CommitError, LabeledTable, PartitionCommit, WriteDataFiles, input_changes
 
@@ -78,6 +79,8 @@ class LabelSettings:
     review_export: str = _help("Also write each labeled partition's needs_review rows to "
                                "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
                                "spreadsheet. Empty: no files.", default="")
+    progress_every_s: float = _help("Seconds between progress lines (rows done, rate, ETA) in a log; on a "
+                                    "terminal a progress bar instead.", default=30.0)
     force: bool = _help("Relabel partitions that already have committed labels.", default=False)
     dry_run: bool = _help("List what would be labeled and exit without running anything.", default=False)
 
@@ -113,6 +116,8 @@ class LabelSettings:
             problems.append(f"--shuffle-partitions {self.shuffle_partitions}: must be at least 1")
         if not 0.0 <= self.review_threshold <= 1.0:
             problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored rows)")
+        if self.progress_every_s < 0:
+            problems.append(f"--progress-every-s {self.progress_every_s}: must be >= 0 (0 = a line per update)")
         if self.max_text_chars < 1:
             problems.append(f"--max-text-chars {self.max_text_chars}: must be at least 1")
         if problems:
@@ -333,25 +338,29 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
     files = [f for p in todo for f in p.files]
     with footer_readers_for(len(files)):
         texts = ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
+    # The shuffle is a barrier anyway (a text's count needs every row); holding its output in the
+    # object store gives the number of distinct texts, so scoring can show an ETA.
     texts = (texts.map_batches(distinct_valid_texts, batch_format="pyarrow", num_cpus=0.25,
                                fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
              .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
-             .select_columns([TEXT]))
+             .select_columns([TEXT])).materialize()
+    progress = Progress("pass 1, scoring", texts.count(), "distinct texts", settings.progress_every_s)
     device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
     counts = texts.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),
                                fn_constructor_kwargs={"model": settings.model, "cache": settings.cache,
                                                       "run_id": run_id, "batch_size": settings.batch_size,
                                                       "device": device})
     for batch in counts.iter_batches(batch_format="pandas", batch_size=None):
-        summary.scored += int(batch["scored"].sum())
-        summary.cache_hits += int(batch["cache_hits"].sum())
+        scored, hits = int(batch["scored"].sum()), int(batch["cache_hits"].sum())
+        summary.scored += scored
+        summary.cache_hits += hits
+        progress.update(scored + hits, f"{summary.scored:,} scored, {summary.cache_hits:,} from the label cache")
     summary.distinct_texts = summary.scored + summary.cache_hits
-    log.info("pass 1: %d distinct texts, %d scored, %d from the label cache",
-             summary.distinct_texts, summary.scored, summary.cache_hits)
+    progress.close(f"{summary.scored:,} scored, {summary.cache_hits:,} from the label cache")
 
 
 def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, run_id: str,
-                     summary: Summary, started: float) -> None:
+                     summary: Summary) -> None:
     """Pass 2: label every row, write data files, commit each partition when its rows add up."""
     import ray
     from ray.data.datasource import Partitioning
@@ -377,20 +386,25 @@ def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, mod
                             num_cpus=0.25))
     by_name = {p.name: p for p in pl.todo}
     written: dict[str, list[dict]] = {name: [] for name in by_name}
+    progress = Progress("pass 2, labeling", sum(p.rows for p in pl.todo), "rows", settings.progress_every_s)
+
+    def partitions_done() -> str:
+        return (f"{len(summary.partitions_committed) + len(summary.partitions_left)}/{len(pl.todo)} partitions "
+                f"committed")
+
     for batch in records.iter_batches(batch_format="pyarrow", batch_size=None):
         for record in batch.to_pylist():
             name = record["partition"]
             written[name].append(record)
+            progress.update(record["rows"], partitions_done())
             got = sum(r["rows"] for r in written[name])
             if got == by_name[name].rows:
                 commit(settings, pl, table, by_name[name], written[name], model_version, run_id, summary)
-                elapsed = time.monotonic() - started
-                log.info("%s: %d rows | %d/%d partitions done, %.0f rows/s", name, got,
-                         len(summary.partitions_committed) + len(summary.partitions_left), len(pl.todo),
-                         summary.rows_out / max(elapsed, 1e-9))
+                log.info("committed %s: %d rows | %s", name, got, partitions_done())
             elif got > by_name[name].rows:  # never expected: Ray delivers each output block once
                 log.error("%s: %d rows written for %d input rows", name, got, by_name[name].rows)
                 summary.partitions_failed.setdefault(name, f"wrote {got} rows for {by_name[name].rows} input rows")
+    progress.close(partitions_done())
     for name, p in by_name.items():
         if p.rows == 0 and name not in summary.partitions_failed:  # nothing to read: commit it as labeled, empty
             commit(settings, pl, table, p, [], model_version, run_id, summary)
@@ -487,7 +501,7 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
             if tag:
                 table.tag_current(tag)
             score_distinct_texts(settings, pl.todo, run_id, summary)
-            label_and_commit(settings, pl, table, model_version, run_id, summary, started)
+            label_and_commit(settings, pl, table, model_version, run_id, summary)
         except Exception as exc:  # the pipeline died: every partition not yet committed failed
             why = f"the labeling pipeline failed: {failure_reason(exc)}"
             log.error(why)

@@ -353,9 +353,13 @@ def test_label_job_through_20pct_slowdowns_matches_a_fault_free_run(ray_cluster,
     src, inputs = ledgers
     table, cache = f"t.through_faults_{uuid.uuid4().hex[:6]}", src.rsplit("/", 1)[0] + "/through-faults-cache"
     proxy.set_faults(read_error=0.2, write_error=0.2)
-    done = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, iceberg_catalog, table, cache),
-                   endpoint=proxy.url)
+    done = run_job(ray_cluster, "jobs.label", job_args(tiny_artifact, src, iceberg_catalog, table, cache,
+                                                      "--progress-every-s", "0"), endpoint=proxy.url)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # what `ray job logs` shows of a long night: progress lines with the rate and an ETA, both passes
+    assert re.search(r"pass 1, scoring: \d+ / \d+ distinct texts \(\d+\.\d%\), [\d,]+/s, ETA ", done.stderr)
+    assert re.search(r"pass 2, labeling: 60 / 60 rows \(100\.0%\), [\d,]+/s, done, .* \| 2/2 partitions committed",
+                     done.stderr), done.stderr[-3000:]
     assert proxy.injected_total("503", "read") > 0 and proxy.injected_total("503", "write") > 0
     # The workers' traffic went through the proxy too: only Ray tasks write data files and fill the
     # cache; the driver writes the table's metadata.

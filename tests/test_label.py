@@ -775,3 +775,21 @@ def test_unreadable_table_metadata_is_named_and_exits_1(iceberg_catalog, table_n
     assert "Nothing was labeled" in err and "Traceback" not in err
     assert table_job.main(["history", "--catalog", iceberg_catalog, "--table", table_name]) == 1
     assert metadata in capsys.readouterr().err
+
+
+def test_progress_lines_give_rate_and_eta_at_a_steady_cadence(caplog):
+    """Off a terminal: one line per `every_s` seconds however often it is updated, with done /
+    total, the rate and the time left; a last line when the pass ends."""
+    from clf_core.progress import Progress
+
+    now = [0.0]
+    progress = Progress("pass 2, labeling", 1000, "rows", every_s=30, clock=lambda: now[0], terminal=False)
+    with caplog.at_level("INFO", logger="clf_core.progress"):
+        for _ in range(10):  # 100 rows every 10 s: 10 rows/s
+            now[0] += 10
+            progress.update(100, "3/9 partitions committed")
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "pass 2, labeling: 300 / 1,000 rows (30.0%), 10/s, ETA 70s, 30s so far | 3/9 partitions committed"
+    assert len(lines) == 4  # at 30, 60 and 90 s, then the closing line
+    assert lines[-1] == "pass 2, labeling: 1,000 / 1,000 rows (100.0%), 10/s, done, 100s so far"

@@ -109,13 +109,18 @@ def compute_model_version(manifest: dict) -> str:
             "backbone": manifest["backbone"]["sha256"],
             "config": prediction_settings(manifest["config"]),
         }
+        # The temperature changes every confidence and the review threshold every needs_review:
+        # both are part of what the model answers (absent from artifacts made before them).
+        for key in ("calibration", "review"):
+            if key in manifest:
+                identity[key] = manifest[key]
     blob = json.dumps(identity, sort_keys=True).encode()
     return "v" + hashlib.sha256(blob).hexdigest()[:12]
 
 
 def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg: ClassifierConfig,
                   backbone: dict, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None,
-                  notes: dict | None = None) -> dict:
+                  notes: dict | None = None, extra_manifest: dict | None = None) -> dict:
     """Write an artifact into a local directory (which must be new or empty); return its manifest."""
     root = Path(directory)
     if root.exists() and any(root.iterdir()):
@@ -147,6 +152,7 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
         "metrics": metrics or {},
         "notes": notes or {},
         "files": files,
+        **(extra_manifest or {}),   # calibration (the temperature) and review (the threshold)
     }
     manifest["model_version"] = compute_model_version(manifest)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -245,6 +251,14 @@ def check_manifest_keys(root: Path, manifest: dict) -> None:
     if bad_sections:
         raise ArtifactError(f"{root / MANIFEST}: config section(s) {bad_sections} do not hold settings "
                             f"(model, lora, data, train are mappings). Re-publish the model.")
+    temperature = manifest.get("calibration", {}).get("temperature", 1.0)
+    threshold = manifest.get("review", {}).get("threshold", 0.5)
+    if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
+        raise ArtifactError(f"{root / MANIFEST}: calibration.temperature = {temperature!r} is not a positive number. "
+                            f"Re-publish the model.")
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise ArtifactError(f"{root / MANIFEST}: review.threshold = {threshold!r} is not within [0, 1]. "
+                            f"Re-publish the model.")
     if not isinstance(manifest["backbone"].get("id"), str):
         raise ArtifactError(f"{root / MANIFEST}: backbone has no 'id' (the hub id, directory or URI it "
                             f"was trained on). Re-publish the model.")

@@ -31,6 +31,7 @@ COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 CLASS_WEIGHTS = ("balanced", "none")
 SELECT_METRICS = ("val_macro_f1", "val_loss")
+REVIEW_GOALS = ("fraction", "target_error")
 POOLINGS = ("auto", "mean", "native")
 
 
@@ -139,11 +140,27 @@ class TrainConfig:
 
 
 @dataclass
+class ReviewConfig:
+    # What the probabilities mean and which rows a person checks (clf_core.calibration). Both are
+    # fitted on the validation split after training and travel in the artifact.
+    calibrate: bool = _help(
+        "Fit a temperature on the validation split after training, so a confidence of 0.8 means "
+        "right about 8 times in 10 (it never changes the predicted class).", default=True)
+    goal: str = _help(
+        "How the default review threshold is chosen on validation: 'fraction' flags the least "
+        "confident share of rows (value = that share); 'target_error' flags as few rows as keep "
+        "the expected error rate among the rows not flagged at most value.", default="fraction")
+    value: float = _help("The goal's number: a share of rows (fraction) or an error rate (target_error).",
+                         default=0.08)
+
+
+@dataclass
 class ClassifierConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -254,6 +271,11 @@ class ClassifierConfig:
             bad("train.split", "must be three non-negative fractions (train, validation, test) summing to 1")
         elif t.split[0] == 0 or t.split[1] == 0:
             bad("train.split", "train and validation fractions must be > 0")
+        r = self.review
+        if r.goal not in REVIEW_GOALS:
+            bad("review.goal", f"allowed: {', '.join(REVIEW_GOALS)}")
+        elif not 0.0 <= r.value <= 1.0:
+            bad("review.value", "must be within [0, 1] (a share of rows, or an error rate)")
         if problems:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
         return self

@@ -3,7 +3,9 @@
 Within each call the texts are sorted by token length and cut into batches, so a batch pads to
 rows of nearly equal length (few wasted tokens), then results are put back in input order.
 Right padding plus the attention mask means a row gets the same probabilities alone or in any
-batch (tested to 1e-4).
+batch (tested to 1e-4). The probabilities are calibrated: the logits are divided by the
+temperature the artifact was calibrated with (clf_core.calibration), so every scorer (this one,
+the label job's actors, the bench) gives a row the same calibrated confidence.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Predictions:
 
 class Predictor:
     def __init__(self, model, tokenizer, labels: list[str], max_tokens: int, device: torch.device,
-                 batch_size: int = 64, model_version: str = "unsaved"):
+                 batch_size: int = 64, model_version: str = "unsaved", temperature: float = 1.0):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.label_names = list(labels)
@@ -45,6 +47,7 @@ class Predictor:
         self.device = device
         self.batch_size = batch_size
         self.model_version = model_version
+        self.temperature = float(temperature)
         self.stats = TokenStats()
 
     @classmethod
@@ -64,7 +67,9 @@ class Predictor:
         except ConfigError as exc:
             raise ArtifactError(f"{art.path / 'adapter.safetensors'} (model {art.model_version}): {exc}") from exc
         log.info("loaded model %s on %s", art.model_version, hw.describe())
-        return cls(model, tokenizer, art.labels, cfg.model.max_tokens, hw.device, batch_size, art.model_version)
+        temperature = float(art.manifest.get("calibration", {}).get("temperature", 1.0))  # 1.0: made before calibration
+        return cls(model, tokenizer, art.labels, cfg.model.max_tokens, hw.device, batch_size, art.model_version,
+                   temperature)
 
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> Predictions:
@@ -80,7 +85,7 @@ class Predictor:
                 self.stats.add(stats)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 logits = self.model(**batch).logits.float()
-                probabilities[idx] = torch.softmax(logits, dim=-1).cpu().numpy()
+                probabilities[idx] = torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()
         label_ids = probabilities.argmax(-1)
         return Predictions(
             labels=[self.label_names[i] for i in label_ids],

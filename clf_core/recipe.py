@@ -16,7 +16,9 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from clf_core import calibration
 from clf_core.artifact import save_artifact
+from clf_core.calibration import Calibration
 from clf_core.config import ClassifierConfig
 from clf_core.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
 from clf_core.model import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
@@ -64,18 +66,40 @@ class TrainRun:
     prepared: Prepared
     trainer: Trainer
     token_report: dict = field(default_factory=dict)
+    calibration: Calibration | None = None
 
     def predictor(self, batch_size: int = 64) -> Predictor:
         p = self.prepared
-        return Predictor(p.model, p.tokenizer, p.cfg.data.labels, p.cfg.model.max_tokens, p.hw.device, batch_size)
+        return Predictor(p.model, p.tokenizer, p.cfg.data.labels, p.cfg.model.max_tokens, p.hw.device, batch_size,
+                         temperature=self.calibration.temperature if self.calibration else 1.0)
 
-    def evaluate_table(self, table: pd.DataFrame) -> dict:
+    def calibrate(self) -> Calibration:
+        """Fit the temperature and the review threshold on the validation split (the model holds
+        its best weights by now). Held-out figures come from `calibration_report`."""
         p = self.prepared
-        data = LabeledTexts.from_table(table, p.cfg.data.text_column, p.cfg.data.label_column, p.labels, "test split")
+        result = evaluate(p.model, self.trainer.val_loader, p.cfg.data.labels, p.hw.device, self.trainer.weights)
+        r = p.cfg.review
+        self.calibration = calibration.fit(result.logits, result.labels, r.goal, r.value, r.calibrate)
+        log.info("calibration on %d validation rows: temperature %.3f; review threshold %.3f (%s %.3g: %.1f%% of "
+                 "validation flagged)", self.calibration.validation_rows, self.calibration.temperature,
+                 self.calibration.policy.threshold, r.goal, r.value, 100 * self.calibration.policy.expected_flagged)
+        return self.calibration
+
+    def evaluation(self, table: pd.DataFrame, name: str = "test split"):
+        p = self.prepared
+        data = LabeledTexts.from_table(table, p.cfg.data.text_column, p.cfg.data.label_column, p.labels, name)
         loader = make_loader(data, Collator(p.tokenizer, p.cfg.model.max_tokens), p.cfg.train.eval_batch_size,
                              shuffle=False, seed=0)
-        result = evaluate(p.model, loader, p.cfg.data.labels, p.hw.device, self.trainer.weights)
+        return evaluate(p.model, loader, p.cfg.data.labels, p.hw.device, self.trainer.weights)
+
+    def evaluate_table(self, table: pd.DataFrame) -> dict:
+        result = self.evaluation(table)
         return {**result.metrics, "loss": result.loss}
+
+    def calibration_report(self, table: pd.DataFrame) -> dict:
+        """ECE, Brier, reliability and risk-coverage on `table` (held out) before and after calibration."""
+        result = self.evaluation(table)
+        return calibration.evaluate(result.logits, result.labels, self.calibration or self.calibrate())
 
     def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> dict:
         p = self.prepared
@@ -85,7 +109,8 @@ class TrainRun:
         cfg = ClassifierConfig.from_dict(p.cfg.to_dict())
         cfg.model.pooling = resolve_pooling(cfg.model.pooling, p.model.config.model_type)
         return save_artifact(directory, adapter_state=trainable_state(p.model), tokenizer=p.tokenizer, cfg=cfg,
-                             backbone=p.backbone, metrics=metrics, extra_files=extra_files, notes=notes)
+                             backbone=p.backbone, metrics=metrics, extra_files=extra_files, notes=notes,
+                             extra_manifest=(self.calibration or self.calibrate()).manifest_entries())
 
 
 def train_classifier(cfg: ClassifierConfig, split: Split, device: str | None = None,
@@ -105,7 +130,9 @@ def train_classifier(cfg: ClassifierConfig, split: Split, device: str | None = N
     trainer.fit(on_epoch_end=on_epoch_end or log_epoch)
     trainer.restore_best()
     report = truncation_report(prepared.tokenizer, train_data.texts + val_data.texts, cfg.model.max_tokens)
-    return TrainRun(prepared, trainer, report)
+    run = TrainRun(prepared, trainer, report)
+    run.calibrate()
+    return run
 
 
 def log_epoch(trainer: Trainer, m: EpochMetrics) -> None:

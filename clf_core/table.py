@@ -485,7 +485,7 @@ class WriteDataFiles:
     receives. The files join the table only when the driver commits their partition."""
 
     RECORD = pa.schema([("partition", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
-                        ("errors", pa.int64()), ("review", pa.int64())])
+                        ("errors", pa.int64()), ("review", pa.int64()), ("expected_errors", pa.float64())])
 
     def __init__(self, metadata_json: str, io_properties: dict, partition_key: str):
         self.metadata_json = metadata_json
@@ -522,9 +522,14 @@ class WriteDataFiles:
             rows = rows.cast(to_iceberg_arrow(rows.schema), safe=False)  # ns -> us drops only sub-us digits
             errors = rows.num_rows - rows.column("error").null_count
             review = pc.sum(rows.column("needs_review")).as_py() or 0
+            # With calibrated confidences, 1 - confidence is a row's chance of being wrong: their
+            # sum over the rows nobody will check is the number of errors expected among them.
+            unchecked = pc.and_(pc.invert(pc.fill_null(rows.column("needs_review"), True)),
+                                pc.is_valid(rows.column("confidence")))
+            expected = pc.sum(pc.subtract(1.0, pc.filter(rows.column("confidence"), unchecked))).as_py() or 0.0
             files = list(_dataframe_to_data_files(table_metadata=meta, df=rows, io=io, write_uuid=uuid.uuid4()))
             for i, f in enumerate(files):  # errors/review counted on the first file of a split partition
                 records.append({"partition": f"{self.partition_key}={value}", "path": f.file_path,
                                 "rows": f.record_count, "errors": errors if i == 0 else 0,
-                                "review": review if i == 0 else 0})
+                                "review": review if i == 0 else 0, "expected_errors": expected if i == 0 else 0.0})
         return pa.Table.from_pylist(records, schema=self.RECORD)

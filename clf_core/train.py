@@ -82,6 +82,8 @@ class Evaluation:
     loss: float
     metrics: dict
     probabilities: np.ndarray
+    logits: np.ndarray | None = None     # (rows, classes): what calibration is fitted on
+    labels: np.ndarray | None = None     # true class index per row
 
 
 def class_weights(label_ids: list[int], num_classes: int, mode: str) -> torch.Tensor | None:
@@ -107,7 +109,7 @@ def evaluate(model, loader: DataLoader, labels: list[str], device: torch.device,
              weights: torch.Tensor | None = None) -> Evaluation:
     was_training = model.training
     model.eval()
-    total_loss, total_rows, probs, y_true = 0.0, 0, [], []
+    total_loss, total_rows, probs, y_true, raw = 0.0, 0, [], [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, logits = batch_loss(model, batch, weights)
@@ -115,13 +117,15 @@ def evaluate(model, loader: DataLoader, labels: list[str], device: torch.device,
         total_loss += float(loss) * rows
         total_rows += rows
         probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+        raw.append(logits.cpu().numpy())
         y_true.append(batch["labels"].cpu().numpy())
     if was_training:
         model.train()
     probabilities = np.concatenate(probs) if probs else np.zeros((0, len(labels)))
     truth = np.concatenate(y_true) if y_true else np.zeros(0, dtype=int)
     metrics = classification_metrics(truth, probabilities.argmax(-1), labels)
-    return Evaluation(total_loss / max(total_rows, 1), metrics, probabilities)
+    return Evaluation(total_loss / max(total_rows, 1), metrics, probabilities,
+                      np.concatenate(raw) if raw else np.zeros((0, len(labels))), truth)
 
 
 class Trainer:

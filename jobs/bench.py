@@ -25,7 +25,9 @@ text-classification pipeline at its best batch size), predictor (3: clf_core.pre
 --label-scale times larger, which splits its time into a per-run and a per-row cost), padding (5), dedup (6: a ledger with
 ~90% repeated lines, cold and warm label cache, vs no dedup), coldstart (7: quantize on load vs a
 pre-quantized base), train (8: Ray Train epoch vs the plain torch loop), gpu (the --device cuda
-sweep; with --device cpu --gpu-size tiny it checks that code path in seconds).
+sweep; with --device cpu --gpu-size tiny it checks that code path in seconds), calibration
+(opt-in, ~10 min: the default model trained on three splits of the packaged chart; held-out ECE and
+Brier before and after calibration, and what the default review threshold flags and catches).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from typing import Callable
 CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "coldstart", "train")
 # "gpu" is the --device cuda sweep; named as an item it runs on the CPU (with --gpu-size tiny) to
 # check its code path.
-ALL_ITEMS = CPU_ITEMS + ("gpu",)
+# Opt-in items (minutes each, not in the default set): calibration trains the default backbone
+# on the packaged chart three times.
+ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration")
 # Mistral-7B-v0.1 parameters: a forward pass costs ~2 FLOPs per parameter per token.
 MISTRAL_7B_PARAMS = 7.24e9
 # Dense (no sparsity) tensor-core peak, TFLOP/s, for fp16/bf16, by a name fragment of the GPU.
@@ -90,6 +94,8 @@ class BenchSettings:
     gpu_dtypes: str = _help("Compute dtypes of the GPU sweep.", default="float16,bfloat16")
     gpu_tokens: int = _help("Tokens per row in the GPU sweep (ledger lines are ~20).", default=20)
     gpu_iters: int = _help("Timed forward passes per GPU configuration (after 2 warm-up passes).", default=10)
+    calibration_seeds: str = _help("Split seeds of the calibration item (train/validation/test 65/10/25 of the "
+                                   "packaged chart, the default backbone and settings).", default="200,1,2")
 
     def item_list(self) -> list[str]:
         return [x.strip() for x in self.items.split(",") if x.strip()]
@@ -514,6 +520,46 @@ def train_tiny_artifact(directory: Path, hidden: int = 128, rows: int = 400, max
     return directory / "model"
 
 
+# ---- calibration: is the confidence trustworthy, does the review queue catch the errors -------------
+
+def bench_calibration(settings: BenchSettings, work: Path) -> dict:
+    """The default model (backbone and settings of `jobs.train`) trained on 65% of the packaged
+    chart, calibrated on 10%, measured on the held-out 25%, once per split seed."""
+    from clf_core import calibration
+    from clf_core.config import ClassifierConfig
+    from clf_core.data import stratified_split
+    from clf_core.recipe import train_classifier
+
+    seeds = [int(x) for x in settings.calibration_seeds.split(",")]
+    overrides = {"data.text_column": settings.text_column, "train.split": [0.65, 0.10, 0.25]}
+    if settings.smoke:  # the code path in seconds: a tiny backbone, one seed, one epoch
+        from clf_core.tiny import build_tiny_mistral
+
+        seeds = seeds[:1]
+        backbone = build_tiny_mistral(work / "calibration-backbone", hidden_size=128)
+        overrides.update({"model.backbone": str(backbone), "lora.r": 8, "lora.alpha": 16, "train.lr": 2e-3,
+                          "train.epochs": 1})
+    runs = []
+    for seed in seeds:
+        cfg = ClassifierConfig.load(overrides={**overrides, "train.split_seed": seed})
+        split = stratified_split(labeled_rows(settings.rows), "label", cfg.train.split, seed)
+        run = train_classifier(cfg, split)
+        figures = run.calibration_report(split.test)
+        review = figures["review"]
+        runs.append({"seed": seed, "macro_f1": run.evaluate_table(split.test)["macro_f1"],
+                     "temperature": figures["temperature"], "ece_before": figures["ece"]["before"],
+                     "ece_after": figures["ece"]["after"], "brier_before": figures["brier"]["before"],
+                     "brier_after": figures["brier"]["after"], "threshold": review["threshold"],
+                     "flagged": review["flagged"], "errors": review["errors"], "errors_caught": review["errors_caught"],
+                     "caught_share": review["errors_caught"] / max(review["errors"], 1),
+                     "test_rows": figures["rows"], "backbone": cfg.model.backbone,
+                     "review_goal": f"{cfg.review.goal} {cfg.review.value}"})
+    medians = {k: statistics.median(r[k] for r in runs)
+               for k in ("macro_f1", "temperature", "ece_before", "ece_after", "brier_before", "brier_after",
+                         "flagged", "caught_share")}
+    return {"runs": runs, "median": medians}
+
+
 # ---- GPU mode: full-size Mistral-7B with random weights, no Ray ------------------------------------
 
 def mistral_config(size: str):
@@ -670,6 +716,12 @@ def targets(results: dict) -> list[dict]:
     add("(7) cold start, pre-quantized vs quantize on load", c, "<= 0.5x", c is not None and c <= 0.5)
     t = results.get("train", {}).get("ratio")
     add("(8) Ray Train epoch vs plain torch", t, "<= 1.15x", t is not None and t <= 1.15)
+    m = results.get("calibration", {}).get("median")
+    if m:
+        add("calibrated ECE on the held-out split, median of seeds", m["ece_after"], "<= 0.03", m["ece_after"] <= 0.03)
+        add("share of held-out errors the default review flags", m["caught_share"], ">= 0.6", m["caught_share"] >= 0.6)
+        add("share of held-out rows the default review flags", m["flagged"], "<= 0.10", m["flagged"] <= 0.10)
+        add("held-out macro-F1", m["macro_f1"], ">= 0.90", m["macro_f1"] >= 0.90)
     g = results.get("gpu", {}).get("best")
     if g and "H100" in results["gpu"]["device"] and results["gpu"]["size"] == "7b":
         add("GPU rows/s on one H100", g["rows_per_s"], ">= 1500", g["rows_per_s"] >= 1500)
@@ -737,6 +789,18 @@ def table(results: dict) -> str:
                          + (f"  {frac:.1%} of compute bound" if frac is not None else ""))
         if g.get("t4_projection_rows_per_s"):
             lines.append(f"T4 projection at the same fraction of its bound: {g['t4_projection_rows_per_s']:.0f} rows/s")
+    cal = results.get("calibration")
+    if cal:
+        lines.append(f"-- calibration: {cal['runs'][0]['backbone']}, 65/10/25 split of the packaged chart, review "
+                     f"{cal['runs'][0]['review_goal']}")
+        lines.append(f"{'split seed':<11}{'macro-F1':>9}{'T':>6}{'ECE before':>11}{'after':>7}{'Brier before':>13}"
+                     f"{'after':>7}{'threshold':>10}{'flagged':>8}{'errors caught':>15}")
+        for r in cal["runs"] + [{"seed": "median", **cal["median"], "threshold": None, "errors": None}]:
+            caught = (f"{r['errors_caught']}/{r['errors']}" if r.get("errors") is not None else "") + f" {r['caught_share']:.2f}"
+            threshold = f"{r['threshold']:.3f}" if r["threshold"] is not None else ""
+            lines.append(f"{r['seed']!s:<11}{r['macro_f1']:>9.3f}{r['temperature']:>6.2f}{r['ece_before']:>11.4f}"
+                         f"{r['ece_after']:>7.4f}{r['brier_before']:>13.4f}{r['brier_after']:>7.4f}{threshold:>10}"
+                         f"{r['flagged']:>8.3f}{caught:>15}")
     tg = results.get("targets", [])
     if tg:
         lines.append("-- targets")
@@ -777,6 +841,8 @@ def main(argv: list[str] | None = None) -> int:
                 from clf_core.artifact import open_artifact
 
                 results["train"] = bench_train(settings, open_artifact(artifact).manifest["backbone"]["id"], work)
+        if "calibration" in items:
+            results["calibration"] = bench_calibration(settings, work)
     results["targets"] = targets(results)
     Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
     Path(settings.out).write_text(json.dumps(results, indent=2, default=str))

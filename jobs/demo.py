@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/demo", help="Local folder for this demo's state and outputs (replaced on each run).")
     p.add_argument("--nights", type=int, default=3, help="Nightly partitions in the first labeling run.")
-    p.add_argument("--review-threshold", type=float, default=0.9,
-                   help="Rows whose confidence is below this are flagged needs_review and exported per partition.")
+    p.add_argument("--review-threshold", type=float, default=-1.0,
+                   help="Rows whose confidence is below this are flagged needs_review and exported per partition "
+                        "(-1: the threshold the model was trained to, chosen on validation).")
     p.add_argument("--smoke", action="store_true", help="Tiny Mistral backbone and few rows: a test-sized run.")
     p.add_argument("--stop", action="store_true", help="Stop the local S3 endpoint a previous demo left running, and exit.")
     return p
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stop:
         print("stopped the local S3 endpoint" if stop_local_s3(workdir) else f"no local S3 endpoint of a demo in {workdir}")
         return 0
-    if not 0.0 <= args.review_threshold <= 1.0:
-        print(f"error: --review-threshold {args.review_threshold}: must be within [0, 1]", file=sys.stderr)
+    if not (0.0 <= args.review_threshold <= 1.0 or args.review_threshold == -1.0):
+        print(f"error: --review-threshold {args.review_threshold}: must be within [0, 1], or -1 for the model's own",
+              file=sys.stderr)
         return 2
     started = time.monotonic()
     if workdir.exists():

@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Override any config field, e.g. --set lora.r=16 (repeatable).")
     for flag, field in CONFIG_FLAGS.items():
         p.add_argument(flag, dest=field, help=f"{field_help(field)} [{field}]")
+    review = p.add_mutually_exclusive_group()
+    review.add_argument("--review-fraction", type=float, metavar="SHARE",
+                        help="Choose the default review threshold on validation to flag this share of rows, the least "
+                             "confident (e.g. 0.08). [review.goal=fraction, review.value]")
+    review.add_argument("--review-target-error", type=float, metavar="RATE",
+                        help="Choose it to flag as few rows as keep the expected error rate among the rows not flagged "
+                             "at most RATE (e.g. 0.01). [review.goal=target_error, review.value]")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU with --use-gpu).")
     p.add_argument("--use-gpu", action="store_true", help="Give each worker one GPU.")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker.")
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> ClassifierConfig:
     overrides = {field: getattr(args, field) for field in CONFIG_FLAGS.values()}
+    if getattr(args, "review_fraction", None) is not None:
+        overrides.update({"review.goal": "fraction", "review.value": args.review_fraction})
+    if getattr(args, "review_target_error", None) is not None:
+        overrides.update({"review.goal": "target_error", "review.value": args.review_target_error})
     for item in args.set:
         field, sep, value = item.partition("=")
         if not sep:
@@ -195,9 +206,14 @@ def _evaluate_and_publish(config, cfg, prepared, trainer, split: Split, resumed_
     from clf_core.report import build_report
 
     run = TrainRun(prepared, trainer, token_report)
+    run.calibrate()  # the temperature and the review threshold, on the validation split
     test_metrics = run.evaluate_table(split.test)
-    log.info("held-out test: accuracy %.4f  macro-F1 %.4f (%d rows)", test_metrics["accuracy"],
-             test_metrics["macro_f1"], test_metrics["rows"])
+    calibration = run.calibration_report(split.test)
+    log.info("held-out test: accuracy %.4f  macro-F1 %.4f (%d rows); ECE %.4f -> %.4f calibrated; review threshold "
+             "%.3f flags %.1f%% and catches %d of %d errors", test_metrics["accuracy"], test_metrics["macro_f1"],
+             test_metrics["rows"], calibration["ece"]["before"], calibration["ece"]["after"],
+             calibration["review"]["threshold"], 100 * calibration["review"]["flagged"],
+             calibration["review"]["errors_caught"], calibration["review"]["errors"])
     summary = {
         "data": config["data_description"],
         "backbone": cfg.model.backbone,
@@ -208,10 +224,11 @@ def _evaluate_and_publish(config, cfg, prepared, trainer, split: Split, resumed_
         "tokens": token_report,
         "world_size": config["world_size"],
     }
-    files = build_report(test_metrics, trainer.state.history, summary)
+    files = build_report(test_metrics, trainer.state.history, summary, calibration)
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = run.save(os.path.join(tmp, "artifact"),
-                            metrics={"test": test_metrics, "resumed_from_epoch": resumed_from}, extra_files=files)
+        manifest = run.save(os.path.join(tmp, "artifact"), extra_files=files,
+                            metrics={"test": test_metrics, "resumed_from_epoch": resumed_from,
+                                     "calibration": {k: calibration[k] for k in ("temperature", "ece", "brier", "review")}})
         publish(os.path.join(tmp, "artifact"), config["output"], overwrite=config["overwrite"])
     log.info("published model %s to %s", manifest["model_version"], config["output"])
 
@@ -280,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     test = artifact.manifest["metrics"]["test"]
     print(f"\nmodel {artifact.model_version} published to {args.output}")
     print(f"  held-out test: macro-F1 {test['macro_f1']:.4f}  accuracy {test['accuracy']:.4f}  ({test['rows']} rows)")
-    print(f"  report: {storage.join(args.output, 'report.md')} (confusion_matrix.png, curves.png)")
+    review = artifact.manifest.get("review", {})
+    print(f"  confidence calibrated (temperature {artifact.manifest.get('calibration', {}).get('temperature', 1.0):.3f}); "
+          f"review threshold {review.get('threshold', 0.9):.3f} ({review.get('goal')} {review.get('value')})")
+    print(f"  report: {storage.join(args.output, 'report.md')} (confusion_matrix.png, curves.png, reliability.png, "
+          f"risk_coverage.png)")
     print(f"  checkpoints: {result.path}")
     print(f"  {time.monotonic() - started:.0f}s")
     return 0

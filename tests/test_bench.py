@@ -53,7 +53,7 @@ def test_unknown_item_names_the_flag_and_the_choices():
 @pytest.mark.integration
 def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train",
+    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train,calibration",
                        "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     scoring = result["scoring"]
@@ -66,6 +66,11 @@ def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_
     commits = scoring["label_commit_seconds_per_partition"]
     assert commits["runs"] == 2 * scoring["rates"]["label"]["runs"] and 0 < commits["median"] < 60
     assert result["train"]["epoch_seconds"]["ray_train"]["median"] > 0 and result["train"]["ratio"] > 0
+    # calibration: the held-out figures of a model trained in place, and the targets judged on them
+    run = result["calibration"]["runs"][0]
+    assert run["temperature"] > 0 and run["test_rows"] == 15 and 0 <= run["errors_caught"] <= run["errors"]
+    assert {t["target"] for t in result["targets"]} >= {"calibrated ECE on the held-out split, median of seeds",
+                                                         "share of held-out errors the default review flags"}
 
 
 def test_two_ledger_sizes_split_the_label_job_into_per_run_and_per_row_cost():

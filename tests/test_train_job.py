@@ -47,6 +47,7 @@ def write_csv(tmp_path, table: pd.DataFrame, name="ledger.csv") -> str:
     ("tiny_class", "class 'Income' has 1 row"),
     ("unreadable", "does not exist"),
     ("bad_config", "train.epochs = 0"),
+    ("bad_review", "review.value = 1.5"),
 ])
 def test_bad_input_fails_before_any_worker(tmp_path, caplog, case, expected):
     import ray
@@ -61,8 +62,9 @@ def test_bad_input_fails_before_any_worker(tmp_path, caplog, case, expected):
         "tiny_class": lambda: write_csv(tmp_path, pd.concat([rows[rows.label == "Expense"], rows[rows.label == "Income"].head(1)])),
         "unreadable": lambda: str(tmp_path / "nowhere.parquet"),
         "bad_config": lambda: write_csv(tmp_path, rows),
+        "bad_review": lambda: write_csv(tmp_path, rows),
     }[case]()
-    extra = ["--epochs", "0"] if case == "bad_config" else []
+    extra = {"bad_config": ["--epochs", "0"], "bad_review": ["--review-fraction", "1.5"]}.get(case, [])
     was_running = ray.is_initialized()
     with caplog.at_level(logging.ERROR):
         code = train_job.main(["--data", data, "--output", str(tmp_path / "out")] + extra)
@@ -88,6 +90,13 @@ def test_every_flag_reaches_the_config():
     assert cfg.model.backbone == "mistralai/Mistral-7B-v0.1" and cfg.data.labels == ["A", "B", "C"]
     assert (cfg.data.text_column, cfg.data.label_column) == ("t", "l")
     assert (cfg.train.epochs, cfg.train.max_steps, cfg.lora.r) == (5, 7, 4)
+    base = ["--data", "x.csv", "--output", "o"]
+    review = train_job.config_from_args(train_job.build_parser().parse_args([*base, "--review-target-error", "0.01"]))
+    assert (review.review.goal, review.review.value) == ("target_error", 0.01)
+    review = train_job.config_from_args(train_job.build_parser().parse_args([*base, "--review-fraction", "0.05"]))
+    assert (review.review.goal, review.review.value) == ("fraction", 0.05)
+    with pytest.raises(SystemExit):  # one goal or the other
+        train_job.build_parser().parse_args([*base, "--review-fraction", "0.05", "--review-target-error", "0.01"])
 
 
 # ---- real runs ---------------------------------------------------------------------------------
@@ -101,7 +110,8 @@ def test_two_workers_train_from_s3_and_publish_to_s3(ray_cluster, s3_bucket, tin
     code = train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone,
                            "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", *TINY_FLAGS])
     assert code == 0
-    for name in ("manifest.json", "adapter.safetensors", "metrics.json", "report.md", "confusion_matrix.png", "curves.png"):
+    for name in ("manifest.json", "adapter.safetensors", "metrics.json", "report.md", "confusion_matrix.png", "curves.png",
+                 "reliability.png", "risk_coverage.png"):
         assert storage.exists(f"{output}/{name}"), name
     manifest = json.loads(storage.read_text(f"{output}/manifest.json"))
     assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1]

@@ -123,6 +123,37 @@ def test_pickle_beside_the_weights_is_refused(trained, tmp_path):
         open_artifact(str(directory))
 
 
+def test_the_artifact_carries_its_calibration_and_every_scorer_applies_it(trained, tmp_path):
+    import shutil
+
+    from clf_core.artifact import compute_model_version
+    from clf_core.calibration import softmax
+
+    run, split, directory, manifest = trained
+    temperature = manifest["calibration"]["temperature"]
+    assert 0.05 <= temperature <= 20 and manifest["calibration"]["rows"] == len(split.validation)
+    assert manifest["review"]["goal"] == "fraction" and 0.0 <= manifest["review"]["threshold"] <= 1.0
+    loaded = Predictor.load(str(directory))
+    assert loaded.temperature == temperature
+    # the loaded predictor's probabilities are softmax(logits / T) of the same model's raw logits
+    texts = split.test["texts"].tolist()[:20]
+    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = loaded.model(**batch).logits.float().numpy()
+    np.testing.assert_allclose(loaded.predict(texts).probabilities, softmax(logits, temperature), atol=1e-4)
+    # the temperature and the threshold are part of the model's identity: edit one, and the
+    # artifact is refused instead of scoring with confidences nobody measured
+    assert compute_model_version({**manifest, "calibration": {**manifest["calibration"], "temperature": 1.0}}) \
+        != manifest["model_version"]
+    assert compute_model_version({**manifest, "review": {**manifest["review"], "threshold": 0.5}}) \
+        != manifest["model_version"]
+    edited = tmp_path / "edited"
+    shutil.copytree(directory, edited)
+    (edited / "manifest.json").write_text(json.dumps({**manifest, "review": {**manifest["review"], "threshold": 0.99}}))
+    with pytest.raises(ArtifactError, match="model_version"):
+        open_artifact(str(edited))
+
+
 def test_edited_manifest_is_refused(trained, tmp_path):
     import shutil
 

@@ -6,14 +6,18 @@ Two streaming passes, because "each distinct text is scored once per run" cannot
 several actors see the same text in different batches:
 
   pass 1  read text column -> valid texts, distinct per batch -> groupby(text) (a shuffle: each
-          distinct text once, run-wide) -> TextScorer actors: score only cache misses, append
-          them to the label cache -> the driver adds up (scored, cache hits)
-  pass 2  read rows (partition from the path) -> ApplyLabels actors: look labels up in the
-          cache -> WriteDataFiles tasks: Parquet data files in the table's location -> the
-          driver counts rows per partition and commits each one, in its own Iceberg
-          transaction, as soon as its files add up to its input rows (clf_core.table)
+          distinct text once, run-wide) -> left join with the label cache (a hash join: no
+          process holds the whole cache) -> TextScorer actors: score the misses, append them to
+          the label cache -> the driver adds up how many were scored
+  pass 2  read rows (partition from the path) -> ApplyLabels actors: look labels up among the
+          run's own distinct texts (pass 1's output, left in Ray's object store)
+          -> WriteDataFiles tasks: Parquet data files in the table's location -> the driver
+          counts rows per partition and commits each one, in its own Iceberg transaction, as
+          soon as its files add up to its input rows (clf_core.table)
+  then    compact the label cache when this model version has more than --cache-max-files
 
-The driver only ever receives per-batch counts and per-file records, never rows.
+The driver only ever receives per-batch counts and per-file records, never rows: its memory does
+not grow with rows (docs/performance.md has the measured figures).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clf_core import partitions as parts
 from clf_core import storage
 from clf_core.errors import ConfigError
+from clf_core.label_cache import LabelCache, lookup
 from clf_core.progress import Progress
 from clf_core.scoring import OUTPUT_COLUMNS, TEXT, ApplyLabels, TextScorer, distinct_valid_texts
 from clf_core.table import DATE, CommitError, LabeledTable, PartitionCommit, WriteDataFiles, input_changes
@@ -71,11 +77,18 @@ class LabelSettings:
     shuffle_partitions: int = _help("Partitions of the run-wide distinct-text shuffle: a few per node; more for "
                                     "tens of millions of distinct texts.", default=16)
     max_text_chars: int = _help("Texts longer than this are not scored; the row's error says why.", default=2000)
+    cache_max_files: int = _help("After the run, rewrite the model version's label cache into few large files "
+                                 "when it has more files than this (each run adds about one per "
+                                 "--rows-per-call new texts). 0: never (python -m jobs.table compact-cache).",
+                                 default=64)
+    cache_file_mb: int = _help("Target size of a compacted label cache file, in MB of memory (about 4 M "
+                               "entries per 256 MB).", default=256)
     actor_start_timeout_s: float = _help("Seconds to wait for the first actors to load the model "
                                          "(-1 = no limit: 7B weights can take minutes).", default=-1)
     review_threshold: float = _help("Rows scored below this confidence, and rows that could not be scored, "
-                                    "get needs_review=true (the review queue: a query on the table).",
-                                    default=0.9)
+                                    "get needs_review=true (the review queue: a query on the table). -1: the "
+                                    "threshold the model was published with (chosen on validation for a stated "
+                                    "goal; 0.9 for models made before that).", default=-1.0)
     review_export: str = _help("Also write each labeled partition's needs_review rows to "
                                "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
                                "spreadsheet. Empty: no files.", default="")
@@ -114,8 +127,13 @@ class LabelSettings:
             problems.append(f"--rows-per-call {self.rows_per_call}: must be at least 1 (e.g. 1024)")
         if self.shuffle_partitions < 1:
             problems.append(f"--shuffle-partitions {self.shuffle_partitions}: must be at least 1")
-        if not 0.0 <= self.review_threshold <= 1.0:
-            problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored rows)")
+        if not (0.0 <= self.review_threshold <= 1.0 or self.review_threshold == -1.0):
+            problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored "
+                            f"rows), or -1 for the model's own")
+        if self.cache_max_files < 0:
+            problems.append(f"--cache-max-files {self.cache_max_files}: must be >= 0 (0 = never compact in the job)")
+        if self.cache_file_mb < 1:
+            problems.append(f"--cache-file-mb {self.cache_file_mb}: must be at least 1")
         if self.progress_every_s < 0:
             problems.append(f"--progress-every-s {self.progress_every_s}: must be >= 0 (0 = a line per update)")
         if self.max_text_chars < 1:
@@ -272,6 +290,8 @@ class Summary:
     rows_out: int = 0
     error_rows: int = 0
     review_rows: int = 0
+    expected_errors: float = 0.0       # sum of 1 - calibrated confidence over labeled rows not flagged
+    review_threshold: float = -1.0
     distinct_texts: int = 0
     scored: int = 0
     cache_hits: int = 0
@@ -291,7 +311,8 @@ class Summary:
         lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
                  f"left to another run {len(self.partitions_left)}, failed {len(self.partitions_failed)} | "
                  f"rows in {self.rows_in}, out {self.rows_out}, with error {self.error_rows}, to review "
-                 f"{self.review_rows} | distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
+                 f"{self.review_rows} (threshold {self.review_threshold:.3f}; about {self.expected_errors:.1f} "
+                 f"errors expected among the rest) | distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
                  f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
         lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
@@ -331,8 +352,12 @@ def footer_readers_for(files: int):
         del os.environ[FOOTER_ACTORS_ENV]
 
 
-def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], run_id: str, summary: Summary) -> None:
-    """Pass 1: every distinct valid text of the run ends up in the label cache, scored once."""
+def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], model_version: str, labels: list[str],
+                         run_id: str, summary: Summary) -> list:
+    """Pass 1: every distinct valid text of the run is looked up in the label cache (a hash join,
+    so nothing holds the whole cache) and the misses are scored once and added to it. Returns the
+    run's labels for pass 2: Ray object refs of blocks (text, label, confidence) that stay in the
+    object store; the driver only counts their rows."""
     import ray
 
     files = [f for p in todo for f in p.files]
@@ -344,23 +369,51 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], r
                                fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
              .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
              .select_columns([TEXT])).materialize()
-    progress = Progress("pass 1, scoring", texts.count(), "distinct texts", settings.progress_every_s)
-    device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
-    counts = texts.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),
-                               fn_constructor_kwargs={"model": settings.model, "cache": settings.cache,
-                                                      "run_id": run_id, "batch_size": settings.batch_size,
-                                                      "device": device})
-    for batch in counts.iter_batches(batch_format="pandas", batch_size=None):
-        scored, hits = int(batch["scored"].sum()), int(batch["cache_hits"].sum())
-        summary.scored += scored
-        summary.cache_hits += hits
-        progress.update(scored + hits, f"{summary.scored:,} scored, {summary.cache_hits:,} from the label cache")
-    summary.distinct_texts = summary.scored + summary.cache_hits
+    summary.distinct_texts = texts.count()
+    looked_up = lookup(texts, settings.cache, model_version, labels, settings.shuffle_partitions).materialize()
+    misses = looked_up.map_batches(unlabeled_texts, batch_format="pyarrow", num_cpus=0.25).materialize()
+    missing = misses.count()
+    summary.cache_hits = summary.distinct_texts - missing   # a text cached twice is still one hit
+    progress = Progress("pass 1, scoring", summary.distinct_texts, "distinct texts", settings.progress_every_s)
+    progress.update(summary.cache_hits, f"{summary.cache_hits:,} from the label cache")
+    run_labels = looked_up.to_arrow_refs()
+    if missing:
+        device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
+        scored = misses.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),
+                                    fn_constructor_kwargs={"model": settings.model, "cache": settings.cache,
+                                                           "run_id": run_id, "batch_size": settings.batch_size,
+                                                           "device": device})
+        # Block references and row counts only: the entries stay in the object store for pass 2.
+        for bundle in scored.iter_internal_ref_bundles():
+            run_labels += bundle.block_refs
+            summary.scored += bundle.num_rows()
+            progress.update(bundle.num_rows(), f"{summary.scored:,} scored, {summary.cache_hits:,} from the label cache")
     progress.close(f"{summary.scored:,} scored, {summary.cache_hits:,} from the label cache")
+    return run_labels
+
+
+def compact_cache(settings: LabelSettings, model_version: str, labels: list[str]) -> None:
+    """Keep the number of label cache files per model version bounded (a failure only warns: the
+    labels are committed, and the next run tries again)."""
+    cache = LabelCache(settings.cache, model_version)
+    if not settings.cache_max_files or len(cache.files()) <= settings.cache_max_files:
+        return
+    try:
+        done = cache.compact(settings.cache_file_mb * 1024 ** 2, labels)
+        log.info("label cache compacted: %d files -> %d (%d entries) in %.1fs", done.files_before, done.files_after,
+                 done.entries, done.seconds)
+    except Exception as exc:
+        log.warning("label cache compaction failed (%s); the run's labels are committed, the next run tries again",
+                    failure_reason(exc))
+
+
+def unlabeled_texts(batch: pa.Table) -> pa.Table:
+    """The texts the cache had no label for."""
+    return batch.filter(pc.is_null(batch["label"])).select([TEXT])
 
 
 def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, run_id: str,
-                     summary: Summary) -> None:
+                     run_labels: list, summary: Summary) -> None:
     """Pass 2: label every row, write data files, commit each partition when its rows add up."""
     import ray
     from ray.data.datasource import Partitioning
@@ -379,9 +432,11 @@ def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, mod
                                 fn_constructor_kwargs={"cache": settings.cache, "model_version": model_version,
                                                        "text_column": settings.text_column,
                                                        "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
-                                                       "review_threshold": settings.review_threshold,
+                                                       "review_threshold": summary.review_threshold,
                                                        # cache entries naming another class are not used
-                                                       "labels": open_artifact(settings.model).labels})
+                                                       "labels": open_artifact(settings.model).labels,
+                                                       # this run's labels only, never the whole cache
+                                                       "run_labels": run_labels})
                .map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
                             num_cpus=0.25))
     by_name = {p.name: p for p in pl.todo}
@@ -450,6 +505,7 @@ def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: pa
     summary.rows_out += partition.rows
     summary.error_rows += sum(r["errors"] for r in written)
     summary.review_rows += sum(r["review"] for r in written)
+    summary.expected_errors += sum(r["expected_errors"] for r in written)
     if settings.review_export:
         from clf_core.review import export_review
 
@@ -481,14 +537,25 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {last.strip()[:500]}"
 
 
+def review_threshold(settings: LabelSettings) -> float:
+    """--review-threshold, or the threshold the model was published with (0.9 for older models)."""
+    if settings.review_threshold >= 0:
+        return settings.review_threshold
+    from clf_core.artifact import open_artifact
+
+    return float(open_artifact(settings.model).manifest.get("review", {}).get("threshold", 0.9))
+
+
 def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None = None) -> Summary:
     """Both passes over the planned partitions. Failures are reported in the summary; a failure
     of the whole pipeline (e.g. a file corrupt past its footer) fails every uncommitted partition."""
     import ray
 
+    from clf_core.artifact import open_artifact
+
     started = time.monotonic()
     summary = Summary(partitions_skipped=list(pl.skipped), partitions_failed=dict(pl.failed),
-                      rows_in=sum(p.rows for p in pl.todo))
+                      rows_in=sum(p.rows for p in pl.todo), review_threshold=review_threshold(settings))
     if pl.todo:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False      # our own progress lines instead
@@ -500,8 +567,10 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
             table.ensure(pl.schema, pl.key_is_date)   # created or widened before any worker writes
             if tag:
                 table.tag_current(tag)
-            score_distinct_texts(settings, pl.todo, run_id, summary)
-            label_and_commit(settings, pl, table, model_version, run_id, summary)
+            labels = open_artifact(settings.model).labels
+            run_labels = score_distinct_texts(settings, pl.todo, model_version, labels, run_id, summary)
+            label_and_commit(settings, pl, table, model_version, run_id, run_labels, summary)
+            compact_cache(settings, model_version, labels)
         except Exception as exc:  # the pipeline died: every partition not yet committed failed
             why = f"the labeling pipeline failed: {failure_reason(exc)}"
             log.error(why)

@@ -25,6 +25,7 @@ import unicodedata
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clf_core.label_cache import LabelCache
 
@@ -99,6 +100,15 @@ def repair_utf8(batch: pa.Table) -> tuple[pa.Table, dict[str, set[int]]]:
 INVALID_UTF8 = "text is not valid UTF-8"
 
 
+def _resolve(block) -> pa.Table:
+    """An Arrow table, or a Ray object ref of a block (what pass 1 hands pass 2)."""
+    if not isinstance(block, (pa.Table, pd.DataFrame)):
+        import ray
+
+        block = ray.get(block)
+    return pa.Table.from_pandas(block, preserve_index=False) if isinstance(block, pd.DataFrame) else block
+
+
 def texts_of(batch: pa.Table, text_column: str) -> list:
     """The text column's values as Python objects; a value holding invalid UTF-8 comes back as
     its raw bytes, which check_text refuses by name (to_pylist would fail the whole batch)."""
@@ -118,55 +128,70 @@ def distinct_valid_texts(batch: pa.Table, text_column: str, max_chars: int) -> p
 
 
 class TextScorer:
-    """Pass 1 actor: score each distinct text the cache does not know, and remember the result.
+    """Pass 1 actor: score the distinct texts the label cache does not know, and add them to it.
 
-    Returns one summary row per batch (texts scored, cache hits): the driver adds those up and
-    never sees the texts themselves.
+    Returns the entries it scored (text, label, confidence): they stay in Ray's object store for
+    the label actors, and the driver only counts them. It never reads the cache: the run's texts
+    come here already looked up (clf_core.label_cache.lookup), so its memory and start time do not
+    grow with the cache.
     """
 
     def __init__(self, model: str, cache: str, run_id: str, batch_size: int = 64, device: str | None = None):
         import torch  # in the actor, not the driver
 
-        from clf_core.logs import quiet_libraries
+        from clf_core.logs import setup_logging
         from clf_core.predict import Predictor
 
-        quiet_libraries()
+        setup_logging()  # this process is a Ray worker: its INFO lines reach the job's log
         started = time.monotonic()
         self.predictor = Predictor.load(model, device=device, batch_size=batch_size)
         self.cache = LabelCache(cache, self.predictor.model_version)
-        self.known = self.cache.load(self.predictor.label_names)
         self.run_id = run_id
-        log.info("scorer ready in %.1fs: model %s on %s, %d torch threads, %d cached labels",
-                 time.monotonic() - started, self.predictor.model_version, self.predictor.device,
-                 torch.get_num_threads(), len(self.known))
+        log.info("scorer ready in %.1fs: model %s on %s, %d torch threads", time.monotonic() - started,
+                 self.predictor.model_version, self.predictor.device, torch.get_num_threads())
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        texts = [t for t in batch[TEXT].tolist() if t not in self.known]
-        hits = len(batch) - len(texts)
-        if texts:
-            out = self.predictor.predict(texts)
-            entries = pd.DataFrame({TEXT: texts, "label": out.labels,
-                                    "confidence": out.confidence.astype("float64")})
-            self.cache.append(entries, self.run_id)  # durable before we report it scored
-            self.known.update(zip(texts, zip(out.labels, entries["confidence"].tolist())))
-        return pd.DataFrame({"scored": [len(texts)], "cache_hits": [hits]})
+        texts = batch[TEXT].tolist()
+        if not texts:
+            return pd.DataFrame({TEXT: pd.Series([], dtype=object), "label": pd.Series([], dtype=object),
+                                 "confidence": pd.Series([], dtype="float64")})
+        out = self.predictor.predict(texts)
+        entries = pd.DataFrame({TEXT: texts, "label": out.labels, "confidence": out.confidence.astype("float64")})
+        self.cache.append(entries, self.run_id)  # durable before we report it scored
+        return entries
 
 
 class ApplyLabels:
     """Pass 2 actor: append label, confidence, model_version, labeled_at and error to each row.
 
     Works on Arrow batches so every input column passes through with its exact type (a pandas
-    round trip would turn nullable integers into floats).
+    round trip would turn nullable integers into floats). It holds the labels of this run's
+    distinct texts only, which pass 1 left in Ray's object store (`run_labels`: Arrow tables or
+    object refs of them; text, label, confidence, null labels skipped): it never reads the cache,
+    so neither the cache's size nor a compaction running meanwhile can change what it sees.
+    Without `run_labels` (tools, tests) it loads the whole cache.
     """
 
     def __init__(self, cache: str, model_version: str, text_column: str, max_chars: int, labeled_at: str,
-                 review_threshold: float = 0.0, labels: list[str] | None = None):
-        self.labels = LabelCache(cache, model_version).load(labels)
+                 review_threshold: float = 0.0, labels: list[str] | None = None, run_labels: list | None = None):
+        from clf_core.logs import setup_logging
+
+        setup_logging()
+        started = time.monotonic()
+        if run_labels is None:
+            self.labels = LabelCache(cache, model_version).load(labels)
+        else:
+            self.labels = {}
+            for table in map(_resolve, run_labels):
+                known = table.filter(pc.is_valid(table["label"]))
+                self.labels.update(zip(known["text"].to_pylist(),
+                                       zip(known["label"].to_pylist(), pc.cast(known["confidence"], pa.float64()).to_pylist())))
         self.review_threshold = review_threshold
         self.model_version = model_version
         self.text_column = text_column
         self.max_chars = max_chars
         self.labeled_at = pd.Timestamp(labeled_at)
+        log.info("labeler ready in %.2fs: %d labels of this run", time.monotonic() - started, len(self.labels))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = texts_of(batch, self.text_column)

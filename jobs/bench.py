@@ -27,7 +27,9 @@ text-classification pipeline at its best batch size), predictor (3: clf_core.pre
 pre-quantized base), train (8: Ray Train epoch vs the plain torch loop), gpu (the --device cuda
 sweep; with --device cpu --gpu-size tiny it checks that code path in seconds), calibration
 (opt-in, ~10 min: the default model trained on three splits of the packaged chart; held-out ECE and
-Brier before and after calibration, and what the default review threshold flags and catches).
+Brier before and after calibration, and what the default review threshold flags and catches),
+scale (opt-in, ~1 h: `python -m jobs.label` as its own process at --scale-rows, and with label
+caches of --scale-cache entries; wall time, rows/s, peak RSS of the driver and of each actor kind).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "cold
 # "gpu" is the --device cuda sweep; named as an item it runs on the CPU (with --gpu-size tiny) to
 # check its code path.
 # Opt-in items (minutes each, not in the default set): calibration trains the default backbone
-# on the packaged chart three times.
-ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration")
+# on the packaged chart three times; scale runs jobs.label on millions of rows.
+ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale")
 # Mistral-7B-v0.1 parameters: a forward pass costs ~2 FLOPs per parameter per token.
 MISTRAL_7B_PARAMS = 7.24e9
 # Dense (no sparsity) tensor-core peak, TFLOP/s, for fp16/bf16, by a name fragment of the GPU.
@@ -94,6 +96,13 @@ class BenchSettings:
     gpu_dtypes: str = _help("Compute dtypes of the GPU sweep.", default="float16,bfloat16")
     gpu_tokens: int = _help("Tokens per row in the GPU sweep (ledger lines are ~20).", default=20)
     gpu_iters: int = _help("Timed forward passes per GPU configuration (after 2 warm-up passes).", default=10)
+    scale_rows: str = _help("Ledger sizes of the scale item, rows (about --scale-distinct of them distinct).",
+                            default="100000,1000000,4000000")
+    scale_partitions: int = _help("Daily partitions of each scale ledger.", default=30)
+    scale_distinct: float = _help("Share of distinct texts in the scale ledgers.", default=0.1)
+    scale_cache: str = _help("Label cache sizes (entries) the scale item compares on its smallest ledger.",
+                             default="20000,2000000")
+    scale_rounds: int = _help("Runs per size of the scale item (medians).", default=3)
     calibration_seeds: str = _help("Split seeds of the calibration item (train/validation/test 65/10/25 of the "
                                    "packaged chart, the default backbone and settings).", default="200,1,2")
 
@@ -109,7 +118,10 @@ class BenchSettings:
             problems.append(f"--device {self.device!r}: use cpu or cuda")
         if self.gpu_size not in ("7b", "tiny"):
             problems.append(f"--gpu-size {self.gpu_size!r}: use 7b or tiny")
-        for name in ("rounds", "batch_size", "label_scale", "train_rounds", "ledger_nights", "gpu_iters", "gpu_tokens"):
+        if not 0 < self.scale_distinct <= 1:
+            problems.append(f"--scale-distinct {self.scale_distinct}: must be within (0, 1]")
+        for name in ("rounds", "batch_size", "label_scale", "train_rounds", "ledger_nights", "gpu_iters", "gpu_tokens",
+                     "scale_partitions", "scale_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         if problems:
@@ -124,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            kind = int if f.type in ("int", int) else str
+            kind = {"int": int, int: int, "float": float, float: float}.get(f.type, str)
             parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default!r})")
     return parser
 
@@ -520,6 +532,177 @@ def train_tiny_artifact(directory: Path, hidden: int = 128, rows: int = 400, max
     return directory / "model"
 
 
+# ---- scale: time and memory against rows and the label cache's size --------------------------------
+
+def scale_ledger(root: Path, rows: int, partitions: int, distinct_share: float, seed: int = 0) -> list[str]:
+    """`rows` ledger lines over `partitions` daily Hive partitions, one Parquet file each; the texts
+    are real account names made distinct per unit, each used about 1/distinct_share times.
+    Returns the distinct texts."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = labeled_rows(0)["full_path"].tolist()
+    distinct = max(1, int(rows * distinct_share))
+    pool = np.array([f"{names[i % len(names)]} - Unit {i // len(names):06d}" for i in range(distinct)], dtype=object)
+    rng = np.random.default_rng(seed)
+    per = -(-rows // partitions)
+    for k in range(partitions):
+        n = min(per, rows - k * per)
+        if n <= 0:
+            break
+        folder = root / f"dt=2024-{1 + k // 28:02d}-{1 + k % 28:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pick = rng.integers(0, distinct, n)
+        pq.write_table(pa.table({"line_id": pa.array(np.arange(k * per, k * per + n)), "texts": pa.array(pool[pick], pa.string()),
+                                 "amount": pa.array(rng.normal(1000, 300, n).round(2))}), folder / "part-0.parquet")
+    return pool.tolist()
+
+
+def fill_cache(cache: str, model_version: str, entries: int, known: list[str], per_file: int = 250_000) -> None:
+    """A label cache of `entries` valid entries for `model_version`: the texts `known` and filler."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clf_core.label_cache import ENTRY_SCHEMA, LabelCache
+
+    texts = list(known[:entries]) + [f"Archived account {i:09d}" for i in range(max(0, entries - len(known)))]
+    root = Path(LabelCache(cache, model_version).uri)
+    root.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(texts), per_file):
+        chunk = texts[start:start + per_file]
+        pq.write_table(pa.table({"text": chunk, "label": ["Expense"] * len(chunk), "confidence": [0.9] * len(chunk)},
+                                schema=ENTRY_SCHEMA), root / f"filler-{start // per_file:04d}.parquet")
+
+
+class PeakRss:
+    """The peak resident memory of each Ray Data actor kind (TextScorer, ApplyLabels) while a run
+    goes on: every 0.25 s, each such process's VmHWM (the kernel's high-water mark)."""
+
+    KINDS = {"TextScorer": "MapBatches(TextScorer)", "ApplyLabels": "MapBatches(ApplyLabels)"}
+
+    def __init__(self):
+        import threading
+
+        self.peak_mib: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.25):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                line = " ".join(proc.info["cmdline"] or [])
+                kind = next((k for k, tag in self.KINDS.items() if tag in line), None)
+                if kind is None:
+                    continue
+                try:
+                    with open(f"/proc/{proc.info['pid']}/status") as f:
+                        hwm = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+                except (OSError, StopIteration):
+                    continue
+                self.peak_mib[kind] = max(self.peak_mib.get(kind, 0.0), hwm / 1024)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_label_process(args: list[str], env: dict) -> dict:
+    """`python -m jobs.label ARGS` as its own process on the bench's Ray cluster: its wall time,
+    its own peak RSS (wait4), the actors' peak RSS and start times, the summary's figures."""
+    import re
+    import subprocess
+
+    started = time.perf_counter()
+    with PeakRss() as actors:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.label", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        output = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"jobs.label exited {proc.returncode}:\n{output[-3000:]}")
+    line = next(l for l in output.splitlines() if l.startswith("labeled "))
+    figure = lambda pattern: int(re.search(pattern, line).group(1))  # noqa: E731
+    starts = {kind: [float(x) for x in re.findall(rf"{word} ready in ([0-9.]+)s", output)]
+              for kind, word in (("TextScorer", "scorer"), ("ApplyLabels", "labeler"))}
+    return {"seconds": seconds, "rows": figure(r"out (\d+)"), "scored": figure(r"scored (\d+)"),
+            "cache_hits": figure(r"cache hits (\d+)"), "driver_peak_rss_mib": usage.ru_maxrss / 1024,
+            "actor_peak_rss_mib": actors.peak_mib,
+            "actor_start_s": {k: max(v) for k, v in starts.items() if v}}
+
+
+def bench_scale(settings: BenchSettings, work: Path) -> dict:
+    """jobs.label at growing row counts (cold cache: every distinct text scored once), then on the
+    smallest ledger with label caches of growing size holding half of its texts."""
+    import ray
+
+    from clf_core.artifact import open_artifact
+
+    artifact = str(train_tiny_artifact(work / "scale-model", hidden=64, rows=200, max_steps=4))
+    version = open_artifact(artifact).model_version
+    catalog = bench_catalog(work / "scale")
+    cores = ray_cores()  # the bench's local Ray cluster; each jobs.label process connects to it
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
+           "HF_HUB_OFFLINE": "1"}
+    # half the cores an actor: Ray Data's read, shuffle and join tasks run beside it
+    flags = ["--catalog", catalog, "--cpus-per-actor", str(cores / 2), "--shuffle-partitions", "4",
+             "--progress-every-s", "60"]
+    sizes = [int(x) for x in settings.scale_rows.split(",")]
+    ledgers, rows_runs, n = {}, {}, iter(range(1_000_000))
+    for rows in sizes:
+        ledgers[rows] = (work / "scale" / f"ledger-{rows}", scale_ledger(work / "scale" / f"ledger-{rows}", rows,
+                                                                         settings.scale_partitions, settings.scale_distinct))
+    for round_ in range(settings.scale_rounds):
+        for rows in (sizes if round_ % 2 == 0 else sizes[::-1]):  # alternate the order: drift hits every size
+            k = next(n)
+            result = run_label_process(["--model", artifact, "--input", str(ledgers[rows][0]),
+                                        "--output-table", f"bench.scale_{k}", "--cache", str(work / "scale" / f"cache-{k}"),
+                                        *flags], env)
+            print(f"scale: {rows:,} rows in {result['seconds']:.1f}s ({rows / result['seconds']:.0f} rows/s), driver "
+                  f"peak {result['driver_peak_rss_mib']:.0f} MiB, actors {result['actor_peak_rss_mib']}", flush=True)
+            rows_runs.setdefault(rows, []).append(result)
+    smallest, (ledger, distinct) = sizes[0], ledgers[sizes[0]]
+    cache_runs = {}
+    for round_ in range(settings.scale_rounds):
+        for entries in [int(x) for x in settings.scale_cache.split(",")]:
+            k = next(n)
+            cache = str(work / "scale" / f"cache-{k}")
+            fill_cache(cache, version, entries, distinct[: len(distinct) // 2])
+            result = run_label_process(["--model", artifact, "--input", str(ledger), "--output-table",
+                                        f"bench.scale_{k}", "--cache", cache, *flags], env)
+            print(f"scale: cache of {entries:,} entries: {result['seconds']:.1f}s, actors {result['actor_peak_rss_mib']}, "
+                  f"start {result['actor_start_s']}", flush=True)
+            cache_runs.setdefault(entries, []).append(result)
+            shutil.rmtree(cache, ignore_errors=True)
+
+    def med(runs, get):
+        values = [get(r) for r in runs if get(r) is not None]
+        return statistics.median(values) if values else None
+
+    def figures(runs, rows):
+        return {"runs": len(runs), "seconds": med(runs, lambda r: r["seconds"]),
+                "rows_per_s": med(runs, lambda r: rows / r["seconds"]),
+                "driver_peak_rss_mib": med(runs, lambda r: r["driver_peak_rss_mib"]),
+                **{f"{kind}_peak_rss_mib": med(runs, lambda r, kind=kind: r["actor_peak_rss_mib"].get(kind))
+                   for kind in PeakRss.KINDS},
+                **{f"{kind}_start_s": med(runs, lambda r, kind=kind: r["actor_start_s"].get(kind))
+                   for kind in PeakRss.KINDS},
+                "scored": runs[0]["scored"], "cache_hits": runs[0]["cache_hits"]}
+
+    return {"partitions": settings.scale_partitions, "distinct_share": settings.scale_distinct,
+            "rows": {str(rows): figures(runs, rows) for rows, runs in rows_runs.items()},
+            "cache": {str(entries): figures(runs, smallest) for entries, runs in cache_runs.items()},
+            "cache_ledger_rows": smallest}
+
+
 # ---- calibration: is the confidence trustworthy, does the review queue catch the errors -------------
 
 def bench_calibration(settings: BenchSettings, work: Path) -> dict:
@@ -716,6 +899,23 @@ def targets(results: dict) -> list[dict]:
     add("(7) cold start, pre-quantized vs quantize on load", c, "<= 0.5x", c is not None and c <= 0.5)
     t = results.get("train", {}).get("ratio")
     add("(8) Ray Train epoch vs plain torch", t, "<= 1.15x", t is not None and t <= 1.15)
+    sc = results.get("scale")
+    if sc and len(sc["rows"]) >= 2:
+        sizes = sorted(sc["rows"], key=int)
+        small, mid, large = sc["rows"][sizes[0]], sc["rows"][sizes[-2]], sc["rows"][sizes[-1]]
+        ratio = large["rows_per_s"] / mid["rows_per_s"]
+        add(f"scale: rows/s at {int(sizes[-1]):,} vs {int(sizes[-2]):,} rows", ratio, ">= 0.8x", ratio >= 0.8)
+        ratio = large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"]
+        add(f"scale: driver peak RSS at {int(sizes[-1]):,} vs {int(sizes[0]):,} rows", ratio, "<= 1.2x", ratio <= 1.2)
+    if sc and len(sc["cache"]) >= 2:
+        sizes = sorted(sc["cache"], key=int)
+        small, large = sc["cache"][sizes[0]], sc["cache"][sizes[-1]]
+        for key, what in (("TextScorer_peak_rss_mib", "scorer actor peak RSS"), ("ApplyLabels_peak_rss_mib", "labeler actor peak RSS"),
+                          ("TextScorer_start_s", "scorer actor start"), ("ApplyLabels_start_s", "labeler actor start")):
+            if small.get(key) and large.get(key):
+                ratio = large[key] / small[key]
+                add(f"scale: {what}, cache of {int(sizes[-1]):,} vs {int(sizes[0]):,} entries", ratio, "<= 1.2x",
+                    ratio <= 1.2)
     m = results.get("calibration", {}).get("median")
     if m:
         add("calibrated ECE on the held-out split, median of seeds", m["ece_after"], "<= 0.03", m["ece_after"] <= 0.03)
@@ -789,6 +989,23 @@ def table(results: dict) -> str:
                          + (f"  {frac:.1%} of compute bound" if frac is not None else ""))
         if g.get("t4_projection_rows_per_s"):
             lines.append(f"T4 projection at the same fraction of its bound: {g['t4_projection_rows_per_s']:.0f} rows/s")
+    sc = results.get("scale")
+    if sc:
+        def mib(x):
+            return "-" if x is None else f"{x:.0f}"
+
+        def sec(x):
+            return "-" if x is None else f"{x:.2f}"
+
+        lines.append(f"-- scale: python -m jobs.label as its own process, {sc['partitions']} partitions, "
+                     f"{sc['distinct_share']:.0%} distinct texts, medians of {max(r['runs'] for r in sc['rows'].values())}")
+        lines.append(f"{'run':<30}{'wall s':>8}{'rows/s':>9}{'driver MiB':>11}{'scorer MiB':>11}{'labeler MiB':>12}"
+                     f"{'scorer start s':>15}{'labeler start s':>16}")
+        for label_, r in [(f"{int(k):,} rows, cold cache", v) for k, v in sc["rows"].items()] + \
+                [(f"{sc['cache_ledger_rows']:,} rows, cache {int(k):,}", v) for k, v in sc["cache"].items()]:
+            lines.append(f"{label_:<30}{r['seconds']:>8.1f}{r['rows_per_s']:>9.0f}{mib(r['driver_peak_rss_mib']):>11}"
+                         f"{mib(r['TextScorer_peak_rss_mib']):>11}{mib(r['ApplyLabels_peak_rss_mib']):>12}"
+                         f"{sec(r['TextScorer_start_s']):>15}{sec(r['ApplyLabels_start_s']):>16}")
     cal = results.get("calibration")
     if cal:
         lines.append(f"-- calibration: {cal['runs'][0]['backbone']}, 65/10/25 split of the packaged chart, review "
@@ -821,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.ledger_nights, settings.train_rows, settings.coldstart_hidden = 2, 64, 0
         settings.pipeline_batch_sizes, settings.gpu_batch_sizes, settings.gpu_iters = "8", "4,8", 1
         settings.label_scale = 2
+        settings.scale_rows, settings.scale_cache, settings.scale_partitions, settings.scale_rounds = \
+            "2000", "500", 3, 1
     results: dict = {"command": "python -m jobs.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                      "machine": machine(), "settings": asdict(settings)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -843,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["train"] = bench_train(settings, open_artifact(artifact).manifest["backbone"]["id"], work)
         if "calibration" in items:
             results["calibration"] = bench_calibration(settings, work)
+        if "scale" in items:
+            results["scale"] = bench_scale(settings, work)
     results["targets"] = targets(results)
     Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
     Path(settings.out).write_text(json.dumps(results, indent=2, default=str))

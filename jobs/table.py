@@ -1,10 +1,11 @@
-"""Look after the labeled table: history, rollback, snapshot expiry, orphan files.
+"""Look after the labeled table (history, rollback, snapshot expiry, orphan files) and the label cache.
 
 Run as:
     python -m jobs.table history  --catalog ledgers --table ledgers.labeled_lines
     python -m jobs.table rollback --catalog ledgers --table ledgers.labeled_lines --to backfill-2024-01-01-2024-03-31-v1a2b3c
     python -m jobs.table expire   --catalog ledgers --table ledgers.labeled_lines --older-than 30d
     python -m jobs.table remove-orphans --catalog ledgers --table ledgers.labeled_lines --older-than 3d --dry-run
+    python -m jobs.table compact-cache --cache s3://ledgers/label-cache --model-version v1a2b3c4d5e6f
 
 `rollback` points the table back at a tag (a backfill tags the state before it) or snapshot id:
 every commit after it is undone, and the next nightly run relabels partitions it no longer finds.
@@ -12,6 +13,8 @@ every commit after it is undone, and the next nightly run relabels partitions it
 tags older than the cutoff go first) and deletes the files only they referenced; time travel
 then reaches back to the cutoff. `remove-orphans` deletes data files no snapshot lists (left by a
 run that crashed before its commit), if older than the cutoff: keep it above your longest run.
+`compact-cache` rewrites a model version's label cache files into few large ones (the label job
+does it by itself past --cache-max-files); a run reading the cache meanwhile only rescores texts.
 Exit status 0 done, 2 bad arguments.
 """
 
@@ -55,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     orphans = command("remove-orphans", "Delete files in the table's location that no snapshot lists.")
     orphans.add_argument("--older-than", required=True, help="Only files older than this, e.g. 3d: more than your longest run.")
     orphans.add_argument("--dry-run", action="store_true", help="List them, delete nothing.")
+    cache = commands.add_parser("compact-cache", help="Rewrite a model version's label cache into few large files.",
+                                description="Rewrite a model version's label cache into few large files.")
+    cache.add_argument("--cache", required=True, help="The label cache the jobs use (--cache of jobs.label).")
+    cache.add_argument("--model-version", required=True, help="The model version whose entries to compact (v...).")
+    cache.add_argument("--file-mb", type=int, default=256, help="Target size of a file, MB in memory (default: 256).")
     return parser
 
 
@@ -65,6 +73,20 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     args = build_parser().parse_args(argv)
+    if args.command == "compact-cache":
+        from clf_core.label_cache import LabelCache
+
+        if args.file_mb < 1:
+            print(f"error: --file-mb {args.file_mb}: must be at least 1", file=sys.stderr)
+            return 2
+        cache = LabelCache(args.cache, args.model_version)
+        if not cache.files():
+            print(f"error: --cache {args.cache} has no files for model version {args.model_version!r}", file=sys.stderr)
+            return 2
+        done = cache.compact(args.file_mb * 1024 ** 2)
+        print(f"label cache {cache.uri}: {done.files_before} file(s) -> {done.files_after}, {done.entries} entries, "
+              f"{done.seconds:.1f}s")
+        return 0
     try:
         labeled = LabeledTable(args.catalog, args.table)
         if labeled.table is None:

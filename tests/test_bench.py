@@ -84,3 +84,16 @@ def test_two_ledger_sizes_split_the_label_job_into_per_run_and_per_row_cost():
     assert bench.per_run_and_per_row(100, [10.0], 1100, [200.0], [200.0]) is None
     assert bench.nightly_ledger(["Rent", "Gas"], 2) == ["Rent - Property 000", "Gas - Property 000",
                                                         "Rent - Property 001", "Gas - Property 001"]
+
+
+@pytest.mark.integration
+def test_scale_item_runs_the_label_job_as_its_own_process_and_measures_it(ray_cluster, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--smoke", "--items", "scale", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    scale = json.loads(out.read_text())["scale"]
+    cold, cached = scale["rows"]["2000"], scale["cache"]["500"]
+    # 2,000 rows, 10% distinct: 200 texts scored cold; a cache holding half of them serves 100
+    assert (cold["scored"], cold["cache_hits"]) == (200, 0) and (cached["scored"], cached["cache_hits"]) == (100, 100)
+    assert cold["rows_per_s"] > 0 and cold["driver_peak_rss_mib"] > 100
+    for kind in ("TextScorer", "ApplyLabels"):  # both actor kinds were seen, their memory and start timed
+        assert cold[f"{kind}_peak_rss_mib"] > 50 and cold[f"{kind}_start_s"] is not None

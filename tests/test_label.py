@@ -21,7 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from clf_core import storage
-from clf_core.labeling import LabelSettings
+from clf_core.artifact import open_artifact
+from clf_core.errors import ConfigError
+from clf_core.label_cache import LabelCache
+from clf_core.labeling import LabelSettings, review_threshold
 from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
@@ -161,13 +164,22 @@ def test_good_texts_pass_unchanged():
         assert check_text(text, 50) == (text, None)
 
 
-def test_scorer_scores_each_text_once_then_serves_it_from_the_cache(tiny_artifact, tmp_path):
+def test_scorer_adds_what_it_scores_to_the_cache_and_the_labeler_holds_only_the_runs_labels(tiny_artifact, tmp_path):
     scorer = TextScorer(tiny_artifact, str(tmp_path / "cache"), run_id="r1", batch_size=8)
     first = scorer(pd.DataFrame({"text": ["Rent", "Gas", "Water"]}))
-    assert (first["scored"].item(), first["cache_hits"].item()) == (3, 0)
-    again = TextScorer(tiny_artifact, str(tmp_path / "cache"), run_id="r2", batch_size=8)  # a new night
-    second = again(pd.DataFrame({"text": ["Rent", "Gas", "Late Fee"]}))
-    assert (second["scored"].item(), second["cache_hits"].item()) == (1, 2)
+    expected = scorer.predictor.predict(["Rent", "Gas", "Water"])
+    assert first["text"].tolist() == ["Rent", "Gas", "Water"] and first["label"].tolist() == expected.labels
+    cache = LabelCache(str(tmp_path / "cache"), scorer.predictor.model_version)
+    assert cache.load() == dict(zip(first["text"], zip(first["label"], first["confidence"])))
+    # pass 2: "Rent" came from pass 1's lookup, "Late Fee" was just scored; the labeler knows
+    # those two (not the rest of the cache) and skips the lookup's misses (null labels)
+    late_fee = scorer(pd.DataFrame({"text": ["Late Fee"]}))
+    looked_up = pa.table({"text": ["Rent", "Late Fee"], "label": [first["label"][0], None],
+                          "confidence": [first["confidence"][0], None]})
+    run_only = ApplyLabels(str(tmp_path / "cache"), scorer.predictor.model_version, "texts", 50,
+                           "2024-03-02T00:00:00+00:00", run_labels=[looked_up, late_fee])
+    assert set(run_only.labels) == {"Rent", "Late Fee"}
+    assert run_only.labels["Late Fee"] == (late_fee["label"][0], late_fee["confidence"][0])
 
     apply = ApplyLabels(str(tmp_path / "cache"), scorer.predictor.model_version, "texts", 50, "2024-03-02T00:00:00+00:00")
     rows = pa.table({"texts": ["Rent", None, "Late Fee"], "id": pa.array([1, None, 3], pa.int16())})
@@ -183,6 +195,15 @@ def test_scorer_scores_each_text_once_then_serves_it_from_the_cache(tiny_artifac
     strict = ApplyLabels(str(tmp_path / "cache"), scorer.predictor.model_version, "texts", 50,
                          "2024-03-02T00:00:00+00:00", review_threshold=1.0)
     assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
+
+
+def test_the_review_threshold_is_the_models_unless_overridden(tiny_artifact):
+    published = open_artifact(tiny_artifact).manifest["review"]["threshold"]
+    base = {"model": tiny_artifact, "input": "in", "catalog": "c", "output_table": "ns.t", "cache": "c1"}
+    assert review_threshold(LabelSettings(**base)) == published
+    assert review_threshold(LabelSettings(**base, review_threshold=0.42)) == 0.42
+    with pytest.raises(ConfigError, match="--review-threshold 1.5: must be within"):
+        LabelSettings(**base, review_threshold=1.5).validate()
 
 
 def test_arguments_are_checked_before_any_work(capsys, tmp_path):
@@ -343,7 +364,8 @@ def test_label_incremental_rerun_late_files_force_and_backfill(ray_cluster, s3_b
     inputs = pd.concat([df.assign(dt=day) for day, df in days.items()], ignore_index=True)
 
     assert label.main(args()) == 0
-    run = figures(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    run = figures(out)
     labeled = assert_exactly_once(iceberg_catalog, table_name, inputs)
     assert run["scored"] == len(pool) and run["cache_hits"] == 0  # 300 rows, only the distinct texts scored
     assert run["rows_in"] == run["rows_out"] == 300 and run["errors"] == 0 and run["labeled"] == 3
@@ -352,10 +374,15 @@ def test_label_incremental_rerun_late_files_force_and_backfill(ray_cluster, s3_b
     first = commits(iceberg_catalog, table_name)
     assert set(first) == {f"dt={d}" for d in DAYS} and all(c.input_rows == 100 for c in first.values())
     assert len({c.run_id for c in first.values()}) == 1 and all(len(c.input_files) == 2 for c in first.values())
-    # the review queue is a query: exactly the rows under the threshold (default 0.9)
+    # the review queue is a query: exactly the rows under the threshold the model was published
+    # with (chosen on validation), which the summary names with the errors expected among the rest
+    threshold = open_artifact(tiny_artifact).manifest["review"]["threshold"]
     queue = read_labeled(iceberg_catalog, table_name, row_filter="needs_review = true")
-    assert sorted(queue["row_id"]) == sorted(labeled.loc[labeled["confidence"] < 0.9, "row_id"])
+    assert sorted(queue["row_id"]) == sorted(labeled.loc[labeled["confidence"] < threshold, "row_id"])
     assert run["review"] == len(queue)
+    summary = next(l for l in out.splitlines() if l.startswith("labeled "))
+    expected_errors = (1 - labeled.loc[labeled["confidence"] >= threshold, "confidence"]).sum()
+    assert f"(threshold {threshold:.3f}; about {expected_errors:.1f} errors expected among the rest)" in summary
 
     # Nothing new: a re-run commits nothing, not even an empty snapshot.
     snapshots = snapshot_count(iceberg_catalog, table_name)
@@ -377,9 +404,16 @@ def test_label_incremental_rerun_late_files_force_and_backfill(ray_cluster, s3_b
     assert label.main(args("--dry-run")) == 0
     plan_text = capsys.readouterr().out
     assert "1 file(s) added (late-0.parquet)" in plan_text and "1 file(s) rewritten (part-0.parquet)" in plan_text
-    assert label.main(args()) == 0
+    # (--rows-per-call 2: the scorer writes a cache file per 2 new texts; past --cache-max-files 2
+    # the job compacts the version's cache into one file at the end)
+    version = open_artifact(tiny_artifact).model_version
+    assert len(LabelCache(cache, version).files()) == 1
+    assert label.main(args("--rows-per-call", "2", "--cache-max-files", "2")) == 0
     run = figures(capsys.readouterr().out)
     assert (run["scored"], run["labeled"], run["skipped"]) == (5, 3, 1)
+    compacted = LabelCache(cache, version)
+    assert [os.path.basename(f).startswith("compacted-") for f in compacted.files()] == [True]
+    assert len(compacted.load()) == len(pool) + 5
     second = commits(iceberg_catalog, table_name)
     assert second[f"dt={DAYS[0]}"] == first[f"dt={DAYS[0]}"]
     assert {second[f"dt={d}"].run_id for d in DAYS[1:]} == {second["dt=2024-03-04"].run_id} != {first[f"dt={DAYS[0]}"].run_id}
@@ -699,7 +733,6 @@ def test_the_label_cache_drops_bad_entries_and_skips_unreadable_files(tiny_artif
     """A poisoned or broken cache never decides a label: entries naming a class the model does
     not have, confidences outside [0, 1] and missing texts are dropped, an unreadable file is
     skipped with a warning, and the scorer scores those texts again."""
-    from clf_core.label_cache import LabelCache
     from clf_core.predict import Predictor
 
     version = Predictor.load(tiny_artifact).model_version
@@ -712,11 +745,33 @@ def test_the_label_cache_drops_bad_entries_and_skips_unreadable_files(tiny_artif
         known = cache.load(["Expense", "Income"])
     assert known == {"Rent": ("Income", 0.97)}
     assert "broken.parquet cannot be read" in caplog.text and "4 entr(ies)" in caplog.text
-    scorer = TextScorer(tiny_artifact, str(tmp_path / "cache"), run_id="r1", batch_size=8)
-    out = scorer(pd.DataFrame({"text": ["Rent", "Gas", "Water", "Laundry"]}))
-    assert (out["scored"].item(), out["cache_hits"].item()) == (3, 1)
-    assert set(LabelCache(str(tmp_path / "cache"), version).load(["Expense", "Income"])) == {"Rent", "Gas", "Water",
-                                                                                           "Laundry"}
+    # compaction keeps the valid entries only, in one file, and drops the broken one
+    done = cache.compact(labels=["Expense", "Income"])
+    assert (done.files_before, done.files_after, done.entries) == (2, 1, 1)
+    assert cache.load() == {"Rent": ("Income", 0.97)}
+
+
+def test_compact_cache_command_bounds_the_files_and_keeps_every_entry(tmp_path, capsys):
+    cache = LabelCache(str(tmp_path / "cache"), "v123")
+    for run in range(5):
+        cache.append(pd.DataFrame({"text": [f"Account {run}-{i}" for i in range(1000)], "label": "Expense",
+                                   "confidence": 0.9}), f"run{run}")
+    assert table_job.main(["compact-cache", "--cache", str(tmp_path / "cache"), "--model-version", "v123",
+                           "--file-mb", "1"]) == 0
+    assert "5 file(s) -> 1, 5000 entries" in capsys.readouterr().out
+    assert len(cache.files()) == 1 and len(cache.load()) == 5000
+    assert table_job.main(["compact-cache", "--cache", str(tmp_path / "cache"), "--model-version", "v999"]) == 2
+    assert "has no files for model version 'v999'" in capsys.readouterr().err
+    # a file closes once it holds the target size (here 2,000 entries' worth; a source file is never
+    # split): 5,000 + 4 x 1,000 entries -> [5,000], [1,000 + 1,000], [1,000 + 1,000]
+    target = 2 * cache.read_file(cache.files()[0]).nbytes // 5
+    done = cache.compact(target_file_bytes=target)
+    assert (done.files_before, done.files_after) == (1, 1)  # a single file is left as it is
+    for run in range(5, 9):
+        cache.append(pd.DataFrame({"text": [f"Account {run}-{i}" for i in range(1000)], "label": "Income",
+                                   "confidence": 0.8}), f"run{run}")
+    done = cache.compact(target_file_bytes=target)
+    assert done.files_before == 5 and done.files_after == 3 and len(cache.load()) == 9000
 
 
 @pytest.mark.integration

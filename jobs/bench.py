@@ -377,7 +377,7 @@ def bench_dedup(settings: BenchSettings, artifact: str, work: Path) -> dict:
 
     from clf_core.label_cache import LabelCache
     from clf_core.predict import Predictor
-    from clf_core.sample_ledgers import ledger_partition
+    from jobs.support.sample_ledgers import ledger_partition
     from clf_core.scoring import ApplyLabels, check_text, distinct_valid_texts
 
     nights = [ledger_partition(date(2024, 1, 1) + timedelta(days=n)) for n in range(settings.ledger_nights)]
@@ -518,7 +518,7 @@ def train_tiny_artifact(directory: Path, hidden: int = 128, rows: int = 400, max
     """A tiny nf4 Mistral classifier trained on real account names (seconds), saved as an artifact."""
     from clf_core.data import stratified_split
     from clf_core.recipe import train_classifier
-    from clf_core.tiny import build_tiny_mistral
+    from jobs.support.tiny import build_tiny_mistral
 
     if (directory / "model" / "manifest.json").exists():
         return directory / "model"
@@ -716,7 +716,7 @@ def bench_calibration(settings: BenchSettings, work: Path) -> dict:
     seeds = [int(x) for x in settings.calibration_seeds.split(",")]
     overrides = {"data.text_column": settings.text_column, "train.split": [0.65, 0.10, 0.25]}
     if settings.smoke:  # the code path in seconds: a tiny backbone, one seed, one epoch
-        from clf_core.tiny import build_tiny_mistral
+        from jobs.support.tiny import build_tiny_mistral
 
         seeds = seeds[:1]
         backbone = build_tiny_mistral(work / "calibration-backbone", hidden_size=128)

@@ -81,9 +81,9 @@ def write_catalog_config(workdir: Path, s3) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     from clf_core import storage
     from clf_core.data import sample_data_path
-    from clf_core.local_s3 import LocalS3, apply_env
+    from jobs.support.local_s3 import LocalS3, apply_env
     from clf_core.logs import setup_logging
-    from clf_core.sample_ledgers import write_nights
+    from jobs.support.sample_ledgers import write_nights
 
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         train_args = ["--data", labeled, "--output", model, "--text-column", "full_path", "--label-column", "label",
                       "--cpus-per-worker", "1"]
         if args.smoke:
-            from clf_core.tiny import build_tiny_mistral
+            from jobs.support.tiny import build_tiny_mistral
 
             train_args += ["--base-model", str(build_tiny_mistral(workdir / "tiny-backbone")), "--limit-rows", "300",
                            "--epochs", "1", "--set", "lora.r=8", "--set", "lora.alpha=16", "--lr", "2e-3"]

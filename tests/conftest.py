@@ -41,7 +41,7 @@ def ledger_rows(n: int, seed: int = 0, labels=("Expense", "Income")) -> pd.DataF
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
-    from clf_core.tiny import build_tiny_mistral
+    from jobs.support.tiny import build_tiny_mistral
 
     return str(build_tiny_mistral(tmp_path_factory.mktemp("tiny") / "mistral"))
 
@@ -75,7 +75,7 @@ def local_s3(tmp_path_factory):
     The standard AWS variables point s3fs/pyarrow/boto3 at it; they are set before any Ray
     cluster starts so Ray workers inherit them, fake keys included (as a node's credentials).
     """
-    from clf_core.local_s3 import LocalS3, apply_env, restore_env
+    from jobs.support.local_s3 import LocalS3, apply_env, restore_env
 
     key_id, secret = fake_aws_keys()
     s3 = LocalS3(log_path=tmp_path_factory.mktemp("moto") / "moto.log", access_key_id=key_id,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clf_core.sample_ledgers import BAD_TEXTS, ledger_partition
+from jobs.support.sample_ledgers import BAD_TEXTS, ledger_partition
 
 REPO = Path(__file__).resolve().parents[1]
 

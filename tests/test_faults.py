@@ -1,6 +1,6 @@
 """Fault injection (issue 7): S3 that fails and stalls, fuzzed ledgers, secrets that never leak.
 
-1. S3 faults come from clf_core.fault_proxy, a reverse proxy in front of the session's real
+1. S3 faults come from support.fault_proxy, a reverse proxy in front of the session's real
    moto_server. The in-process storage tests point s3fs at it through fsspec's config, and the
    Iceberg table's I/O through a catalog of its own whose `s3.endpoint` is the proxy; the job
    runs are separate driver processes joined to the session's Ray cluster (as `ray job submit`
@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from clf_core import storage
-from clf_core.fault_proxy import FaultProxy, Faults
+from support.fault_proxy import FaultProxy, Faults
 from clf_core.label_cache import LabelCache
 from clf_core.labeling import LabelSettings, plan
 from clf_core.partitions import merge_schemas

@@ -91,7 +91,7 @@ def test_a_download_that_fails_midway_leaves_no_temp_folder(tiny_artifact, s3_bu
     """Every GET of one file answered 503 past the retries, after the others were copied."""
     import fsspec
 
-    from clf_core.fault_proxy import FaultProxy
+    from support.fault_proxy import FaultProxy
 
     monkeypatch.setenv("CLF_CACHE_DIR", str(tmp_path / "cache"))
     uri = f"{s3_bucket}/m/v1"

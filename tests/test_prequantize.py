@@ -69,7 +69,7 @@ def test_copy_whose_prequantized_json_claims_the_original_is_refused(prequantize
     """Other weights (another random tiny Mistral of the same shape, so the adapter fits),
     pre-quantized, whose prequantized.json is edited to claim it was made from the artifact's
     backbone: clf_core used to believe such a claim."""
-    from clf_core.tiny import build_tiny_mistral
+    from jobs.support.tiny import build_tiny_mistral
 
     directory, _, artifact = prequantized
     cfg = open_artifact(artifact).config()

@@ -135,7 +135,7 @@ def _ray_cli(*args, env, timeout=120):
 @pytest.mark.integration
 def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
     """The same job through `ray job submit`, with a token-authenticated head on loopback."""
-    from clf_core.local_s3 import free_port
+    from jobs.support.local_s3 import free_port
 
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)

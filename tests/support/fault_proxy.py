@@ -1,7 +1,7 @@
 """A fault-injecting HTTP reverse proxy in front of an S3 endpoint, for tests and drills.
 
 Why it exists: the retries and the commit protocol only matter when S3 misbehaves, and the
-local endpoint (moto_server, clf_core.local_s3) never does. This proxy sits between the clients
+local endpoint (moto_server, jobs.support.local_s3) never does. This proxy sits between the clients
 (s3fs/aiobotocore, pyarrow's AWS SDK, boto3) and that endpoint, on loopback, and forwards every
 request unchanged, except that it may, with seeded probabilities set per request class
 (reads: GET/HEAD; writes: PUT/POST/DELETE):

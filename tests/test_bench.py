@@ -19,8 +19,10 @@ def test_scoring_dedup_and_coldstart_items_write_their_figures(tiny_artifact, tm
     result = json.loads(out.read_text())
     scoring = result["scoring"]
     assert set(scoring["rates"]) == {"seed", "pipeline", "predictor"}
-    assert all(r["median"] > 0 and r["min"] <= r["median"] <= r["max"] for r in scoring["rates"].values())
-    assert scoring["baseline"] == "seed" and scoring["ratios"]["seed"] == 1.0
+    assert all(r["median"] > 0 and r["runs"] == 1 for r in scoring["rates"].values())
+    # each ratio is the variant's median over the baseline's, both from this run
+    assert scoring["baseline"] == "seed" and scoring["ratios"]["predictor"] == pytest.approx(
+        scoring["rates"]["predictor"]["median"] / scoring["rates"]["seed"]["median"])
     assert 0 < scoring["padding_efficiency"]["predictor"] <= 1 and 0 < scoring["padding_efficiency"]["seed"] <= 1
     dedup = result["dedup"]
     assert dedup["distinct_texts"] < dedup["rows"] and set(dedup["ratios"]) == {"no_dedup", "dedup_cold", "dedup_warm"}
@@ -43,6 +45,18 @@ def test_gpu_sweep_code_path_runs_on_cpu_without_ray(tmp_path):
     assert [r["batch_size"] for r in gpu["sweep"]] == [4, 8, 4, 8]
     assert {r["dtype"] for r in gpu["sweep"]} == {"float16", "bfloat16"}
     assert all(r["rows_per_s"] > 0 for r in gpu["sweep"]) and gpu["flops_per_token"] > 0
+
+
+def test_interleaved_rounds_rotate_the_order_and_time_every_variant():
+    order = []
+
+    def variant(name, rows):
+        return lambda: order.append(name) or rows
+
+    rates = bench.interleaved({"a": variant("a", 10), "b": variant("b", 20), "c": variant("c", 30)}, rounds=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]   # no variant always runs first
+    assert {k: len(v) for k, v in rates.items()} == {"a": 3, "b": 3, "c": 3}
+    assert bench.summarize([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": 4}
 
 
 def test_unknown_item_names_the_flag_and_the_choices():

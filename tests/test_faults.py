@@ -134,6 +134,7 @@ def assert_same_labels(catalog: str, table: str, reference_table: str) -> None:
 
 # ---- 1. the proxy itself --------------------------------------------------------------------------
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_proxy_forwards_s3_traffic_faithfully(local_s3, proxy, monkeypatch):
     """Multipart uploads, ranged reads, listings, deletes through s3fs, and raw chunked and
     aws-chunked (trailing checksum) uploads: what moto stores is byte for byte what was sent."""
@@ -183,6 +184,7 @@ def test_proxy_forwards_s3_traffic_faithfully(local_s3, proxy, monkeypatch):
         assert direct_fs(local_s3).cat(f"{bucket}/{name}") == payload, name
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_proxy_faults_are_s3_shaped_counted_and_seeded(local_s3, proxy):
     bucket = local_s3.make_bucket(f"faults-{uuid.uuid4().hex[:8]}")[5:]
     direct_fs(local_s3).pipe(f"{bucket}/there.txt", b"x")
@@ -222,6 +224,7 @@ def test_proxy_faults_are_s3_shaped_counted_and_seeded(local_s3, proxy):
 
 # ---- 1. storage and the commit protocol under faults (in-process, fast) ---------------------------
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_storage_and_commit_survive_slowdowns_and_stalls_with_default_retries(local_s3, proxy, monkeypatch, tmp_path):
     """20% of reads and writes answered 503 SlowDown and 5% stalled past the read timeout: every
     storage call and a whole stage -> commit -> read cycle still give exactly the right bytes,
@@ -260,6 +263,7 @@ def test_storage_and_commit_survive_slowdowns_and_stalls_with_default_retries(lo
     assert proxy.injected_total("stall") > 0, "no request was stalled: the test proved nothing"
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_a_refused_commit_leaves_nothing_visible_and_a_later_commit_completes(local_s3, proxy, monkeypatch, tmp_path):
     """Every write of table metadata refused past the retries: the data files are stored but no
     reader sees a row; once S3 is healthy, committing the same files makes the partition whole."""
@@ -471,6 +475,7 @@ def label_like_the_job(partition: Partition, run_schema: pa.Schema, work: Path) 
     return ApplyLabels(str(work / "cache"), "v-fuzz", "texts", MAX_CHARS, "2024-05-01T00:00:00+00:00")(table)
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 @settings(max_examples=80, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(fuzzed_partition())
@@ -515,6 +520,7 @@ def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(iceberg_c
             assert (lab, error) == (("Income", None) if text is not None else (None, why)), (value, lab, error)
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_type_drift_fails_only_its_partition_by_name(s3_bucket, iceberg_catalog, table_name):
     """Ray Data reads a run's files as one dataset and fails the whole run, naming no file, on a
     column whose type differs between files ("Unable to merge: Field texts has incompatible

@@ -56,6 +56,7 @@ def flip_weight_byte(path: Path) -> None:
 
 # ---- 1. downloads ---------------------------------------------------------------------------------
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_download_refuses_a_key_that_escapes_the_folder(tiny_artifact, s3_bucket, local_s3, tmp_path, monkeypatch):
     import boto3
 
@@ -87,6 +88,7 @@ def test_keys_that_are_not_plain_relative_paths_are_refused(key):
     assert storage.safe_relative_path("bucket/m/v1/tokenizer/tokenizer.json", "bucket/m/v1") == "tokenizer/tokenizer.json"
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_a_download_that_fails_midway_leaves_no_temp_folder(tiny_artifact, s3_bucket, local_s3, tmp_path, monkeypatch):
     """Every GET of one file answered 503 past the retries, after the others were copied."""
     import fsspec
@@ -197,6 +199,7 @@ def test_the_hash_cache_sees_a_file_changed_in_place_with_its_mtime_restored(tin
         Predictor.load(tiny_artifact, backbone=str(backbone))
 
 
+@pytest.mark.integration  # starts the local S3 endpoint
 def test_remote_backbone_is_fetched_by_content(tiny_artifact, tiny_backbone, s3_bucket, tmp_path, monkeypatch):
     """A damaged cached copy is fetched again; a backbone replaced at the same URI is refused on a
     node that has no verified copy, while a model trained on the new one gets its own copy."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,8 +177,11 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
                 break
             time.sleep(3)
         assert submitted.returncode == 0, submitted.stdout[-4000:]
-        assert "published to" in submitted.stdout
-        assert Predictor.load(output).predict(["Gas"]).labels[0] in ("Expense", "Income")
+        # the model the job says it published is the one at --output, and it loads and scores
+        printed = re.search(r"model (v[0-9a-f]{12}) published to", submitted.stdout)
+        assert printed, submitted.stdout[-2000:]
+        published = Predictor.load(output)
+        assert published.model_version == printed.group(1) and len(published.predict(["Gas", "Rent"]).labels) == 2
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

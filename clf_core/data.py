@@ -1,6 +1,7 @@
 """Labeled tables in, tokenized batches out.
 
-Tokenization pads per batch (never to a dataset-wide maximum: the seed's defect 1) and counts
+Tokenization pads per batch (never to a dataset-wide maximum, which wastes most of the compute
+on pad tokens for ledger lines of ~15 tokens) and counts
 the texts that had to be truncated so the report can say so.
 """
 
@@ -99,7 +100,7 @@ class Split:
 
 
 def stratified_split(table: pd.DataFrame, label_column: str, fractions: list[float], seed: int) -> Split:
-    """Stratified train / validation / test split with a fixed seed (seed notebook: 75/12.5/12.5)."""
+    """Stratified train / validation / test split with a fixed seed (default 75/12.5/12.5)."""
     from sklearn.model_selection import train_test_split
 
     counts = table[label_column].value_counts()
@@ -204,8 +205,8 @@ class LabeledTexts(torch.utils.data.Dataset):
 class Collator:
     """DataLoader collate_fn: tokenizes a batch of (text, label) pairs with dynamic padding.
 
-    Runs in the main process (num_workers=0): the tokenizer is never forked after use (the
-    seed's defect 8), and tokenizing 25 short lines costs far less than the forward pass.
+    Runs in the main process (num_workers=0): a fast tokenizer forked after use deadlocks or
+    warns, and tokenizing a batch of short lines costs far less than the forward pass.
     """
 
     def __init__(self, tokenizer, max_tokens: int):

@@ -1,8 +1,9 @@
 """The QLoRA sequence classifier: a (4-bit) frozen backbone + LoRA adapters + a trained head.
 
-Built on the ecosystem's classes: `AutoModelForSequenceClassification` (which pools the last
-real token for decoders such as Mistral and the [CLS] token for encoders such as MiniLM) plus
-PEFT LoRA. Quantization is a setting, not a fork: the same code runs nf4 on a CPU in tests and on
+Built on the ecosystem's classes: `AutoModelForSequenceClassification` plus PEFT LoRA. Pooling
+(`model.pooling`): the last real token for decoders such as Mistral (transformers' own rule), the
+mean of the real tokens for encoders such as the MiniLM default (MaskedMeanPooler below, in
+place of BERT's [CLS] pooler). Quantization is a setting, not a fork: the same code runs nf4 on a CPU in tests and on
 a T4 in production; only the compute dtype follows the hardware.
 
 Head: N logits with cross-entropy for every N, binary included. The seed's single BCE logit is

@@ -1,8 +1,9 @@
 """The training loop: usable alone (tests, notebooks) and inside a Ray Train worker.
 
-Fixes the seed notebook's loop defects: the LR schedule steps on *validation* loss (defect 3),
-the best weights are kept across all epochs (defect 2), losses are averaged over the batches
-they came from and held as floats (defect 4), and evaluation covers the whole split (defect 7).
+The LR schedule steps on *validation* loss (the training loss keeps falling while the model
+overfits), the best weights are kept across all epochs (not the last epoch's), losses are
+averaged over the batches they came from and held as floats (no graph kept alive), and
+evaluation covers the whole split (not a sample of it).
 
 Under DDP every worker evaluates the *whole* validation split: the LR schedule and early
 stopping then see the same number on every rank and cannot diverge. Validation is small

@@ -1,0 +1,52 @@
+"""The library's one code path on a CUDA GPU: nf4 + LoRA training, calibration and scoring.
+
+Skipped without a GPU (CI has none). Run on a GPU machine with `python -m pytest -m gpu`;
+docs/performance.md says how it was run on a lent H200 (bitsandbytes carried as a wheel).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from clf_core.config import ClassifierConfig
+from clf_core.data import stratified_split
+from clf_core.predict import Predictor
+from clf_core.recipe import train_classifier
+from conftest import ledger_rows
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def tiny_config(backbone: str, compute_dtype: str) -> ClassifierConfig:
+    return ClassifierConfig.load(overrides={
+        "model.backbone": backbone, "model.device": "cuda", "model.compute_dtype": compute_dtype,
+        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "train.lr": 2e-3, "train.epochs": 3,
+        "train.batch_size": 16})
+
+
+def test_fp16_as_on_a_t4_trains_calibrates_and_scores_on_the_gpu(tiny_backbone, tmp_path):
+    cfg = tiny_config(tiny_backbone, "float16")   # a T4 has no bf16: production computes in fp16
+    split = stratified_split(ledger_rows(480, seed=1), "label", cfg.train.split, seed=200)
+    run = train_classifier(cfg, split)
+    assert run.prepared.hw.device.type == "cuda" and run.prepared.hw.compute_dtype == torch.float16
+    assert run.evaluate_table(split.test)["accuracy"] >= 0.9
+    manifest = run.save(tmp_path / "model")
+    assert manifest["calibration"]["temperature"] > 0
+    loaded = Predictor.load(str(tmp_path / "model"), device="cuda")
+    texts = split.test["texts"].tolist()
+    assert loaded.predict(texts).labels == run.predictor().predict(texts).labels
+    # a row gets the same probabilities alone or in a batch, in fp16 too
+    alone = np.stack([loaded.predict([t]).probabilities[0] for t in texts[:16]])
+    np.testing.assert_allclose(loaded.predict(texts[:16]).probabilities, alone, atol=5e-3)
+
+
+def test_a_model_trained_on_the_gpu_scores_the_same_on_a_cpu(tiny_backbone, tmp_path):
+    cfg = tiny_config(tiny_backbone, "auto")   # bf16 on sm_80+, fp32 on a CPU
+    split = stratified_split(ledger_rows(480, seed=2), "label", cfg.train.split, seed=200)
+    train_classifier(cfg, split).save(tmp_path / "model")
+    texts = split.test["texts"].tolist()
+    on_gpu = Predictor.load(str(tmp_path / "model"), device="cuda").predict(texts)
+    on_cpu = Predictor.load(str(tmp_path / "model"), device="cpu").predict(texts)
+    assert np.mean(np.array(on_gpu.labels) == np.array(on_cpu.labels)) >= 0.97
+    assert np.abs(on_gpu.probabilities - on_cpu.probabilities).max() <= 0.05

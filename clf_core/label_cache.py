@@ -152,8 +152,10 @@ class LabelCache:
                     pass
             raise
         fs.rm([p for p in before if p not in written])
-        log.info("label cache %s compacted: %d files -> %d (%d entries)", self.uri, len(before), len(written), entries)
-        return Compaction(len(before), len(written), entries, time.monotonic() - started)
+        done = Compaction(len(before), len(written), entries, time.monotonic() - started)
+        log.info("label cache %s compacted: %d files -> %d (%d entries) in %.1fs", self.uri, done.files_before,
+                 done.files_after, done.entries, done.seconds)
+        return done
 
 
 def read_entries(batch: pd.DataFrame, cache: str, model_version: str, labels: list[str] | None) -> pa.Table:

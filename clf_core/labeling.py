@@ -40,6 +40,7 @@ from clf_core import partitions as parts
 from clf_core import storage
 from clf_core.errors import ConfigError
 from clf_core.label_cache import LabelCache, lookup
+from clf_core.logs import quiet_libraries
 from clf_core.progress import Progress
 from clf_core.scoring import OUTPUT_COLUMNS, TEXT, ApplyLabels, TextScorer, distinct_valid_texts
 from clf_core.table import DATE, CommitError, LabeledTable, PartitionCommit, WriteDataFiles, input_changes
@@ -311,7 +312,7 @@ class Summary:
         lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
                  f"left to another run {len(self.partitions_left)}, failed {len(self.partitions_failed)} | "
                  f"rows in {self.rows_in}, out {self.rows_out}, with error {self.error_rows}, to review "
-                 f"{self.review_rows} (threshold {self.review_threshold:.3f}; about {self.expected_errors:.1f} "
+                 f"{self.review_rows} (threshold {self.review_threshold:.3f}; about {self.expected_errors:,.1f} "
                  f"errors expected among the rest) | distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
                  f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
         lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
@@ -399,9 +400,7 @@ def compact_cache(settings: LabelSettings, model_version: str, labels: list[str]
     if not settings.cache_max_files or len(cache.files()) <= settings.cache_max_files:
         return
     try:
-        done = cache.compact(settings.cache_file_mb * 1024 ** 2, labels)
-        log.info("label cache compacted: %d files -> %d (%d entries) in %.1fs", done.files_before, done.files_after,
-                 done.entries, done.seconds)
+        cache.compact(settings.cache_file_mb * 1024 ** 2, labels)   # logs what it did
     except Exception as exc:
         log.warning("label cache compaction failed (%s); the run's labels are committed, the next run tries again",
                     failure_reason(exc))
@@ -558,6 +557,7 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
                       rows_in=sum(p.rows for p in pl.todo), review_threshold=review_threshold(settings))
     if pl.todo:
         ctx = ray.data.DataContext.get_current()
+        quiet_libraries()  # again: importing ray.data set its logger back to INFO
         ctx.enable_progress_bars = False      # our own progress lines instead
         ctx.wait_for_min_actors_s = settings.actor_start_timeout_s  # 7B actors may take minutes to load
         summary.run_id = run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]

@@ -382,7 +382,7 @@ def test_label_incremental_rerun_late_files_force_and_backfill(ray_cluster, s3_b
     assert run["review"] == len(queue)
     summary = next(l for l in out.splitlines() if l.startswith("labeled "))
     expected_errors = (1 - labeled.loc[labeled["confidence"] >= threshold, "confidence"]).sum()
-    assert f"(threshold {threshold:.3f}; about {expected_errors:.1f} errors expected among the rest)" in summary
+    assert f"(threshold {threshold:.3f}; about {expected_errors:,.1f} errors expected among the rest)" in summary
 
     # Nothing new: a re-run commits nothing, not even an empty snapshot.
     snapshots = snapshot_count(iceberg_catalog, table_name)

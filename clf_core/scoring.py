@@ -2,13 +2,14 @@
 
 Labeling runs in two streaming passes (see clf_core.labeling for why):
 
-    TextScorer     (pass 1, actor, holds the model)  distinct texts -> label cache entries
-    ApplyLabels    (pass 2, actor, holds the cache)  ledger rows    -> rows + label columns
+    TextScorer     (pass 1, actor, holds the model)            cache misses -> new cache entries
+    ApplyLabels    (pass 2, actor, holds the run's labels)     ledger rows  -> rows + label columns
 
 `TextScorer` loads the model once in `__init__` (minutes for 7B weights) and `__call__(batch)`
-scores only the texts the label cache does not already hold, appending the new results to the
-cache. `ApplyLabels` never touches the model: by the time it runs, every valid text of the run
-is in the cache, so pass 2 is a lookup.
+scores the texts the label cache did not hold (pass 1 looked them up with a hash join), appends
+them to the cache and returns them. `ApplyLabels` never touches the model or the cache: it is
+handed the labels of the run's distinct texts (pass 1's output, in Ray's object store), so pass 2
+is a lookup whose memory follows the run, not the cache.
 
 Bad rows never stop a job: `check_text` says why a value cannot be scored, and that reason
 becomes the row's `error` (its `label` stays null). Text that is not valid UTF-8 (pyarrow does not

@@ -167,19 +167,15 @@ def read_entries(batch: pd.DataFrame, cache: str, model_version: str, labels: li
 def lookup(texts, cache: str, model_version: str, labels: list[str] | None, num_partitions: int):
     """The run's distinct texts (a Ray Dataset with a `text` column) with `label` and `confidence`
     from the cache, null where the cache does not know the text: a left outer hash join, so no
-    process holds more than 1/num_partitions of the cache. A text cached twice comes back twice."""
+    process holds more than 1/num_partitions of the cache. A text cached twice comes back twice.
+    None when the cache holds nothing for this model version (every text is a miss)."""
     import ray
 
     files = LabelCache(cache, model_version).files()
     if not files:
-        return texts.map_batches(_no_entries, batch_format="pyarrow", num_cpus=0.25)
+        return None
     entries = ray.data.from_items([{"path": p} for p in files]).map_batches(
         read_entries, batch_format="pandas", batch_size=8, num_cpus=0.25,
         fn_kwargs={"cache": cache, "model_version": model_version, "labels": labels})
     return texts.join(entries, join_type="left_outer", num_partitions=num_partitions, on=("text",))
 
-
-def _no_entries(batch: pa.Table) -> pa.Table:
-    n = batch.num_rows
-    return (batch.select(["text"]).append_column("label", pa.nulls(n, pa.string()))
-            .append_column("confidence", pa.nulls(n, pa.float64())))

@@ -371,13 +371,17 @@ def score_distinct_texts(settings: LabelSettings, todo: list[parts.Partition], m
              .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
              .select_columns([TEXT])).materialize()
     summary.distinct_texts = texts.count()
-    looked_up = lookup(texts, settings.cache, model_version, labels, settings.shuffle_partitions).materialize()
-    misses = looked_up.map_batches(unlabeled_texts, batch_format="pyarrow", num_cpus=0.25).materialize()
+    looked_up = lookup(texts, settings.cache, model_version, labels, settings.shuffle_partitions)
+    if looked_up is None:  # nothing cached for this model version yet: every text is a miss
+        misses, run_labels = texts, []
+    else:
+        looked_up = looked_up.materialize()
+        misses = looked_up.map_batches(unlabeled_texts, batch_format="pyarrow", num_cpus=0.25).materialize()
+        run_labels = looked_up.to_arrow_refs()
     missing = misses.count()
     summary.cache_hits = summary.distinct_texts - missing   # a text cached twice is still one hit
     progress = Progress("pass 1, scoring", summary.distinct_texts, "distinct texts", settings.progress_every_s)
     progress.update(summary.cache_hits, f"{summary.cache_hits:,} from the label cache")
-    run_labels = looked_up.to_arrow_refs()
     if missing:
         device = "cuda" if settings.gpus_per_actor > 0 else "cpu"
         scored = misses.map_batches(TextScorer, batch_format="pandas", **_actor_args(settings),

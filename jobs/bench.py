@@ -660,7 +660,8 @@ def bench_scale(settings: BenchSettings, work: Path) -> dict:
     for rows in sizes:
         ledgers[rows] = (work / "scale" / f"ledger-{rows}", scale_ledger(work / "scale" / f"ledger-{rows}", rows,
                                                                          settings.scale_partitions, settings.scale_distinct))
-    for round_ in range(settings.scale_rounds):
+    # Smoke size (tests): only the cache runs, which start both actor kinds and the cache lookup.
+    for round_ in range(0 if settings.smoke else settings.scale_rounds):
         for rows in (sizes if round_ % 2 == 0 else sizes[::-1]):  # alternate the order: drift hits every size
             k = next(n)
             result = run_label_process(["--model", artifact, "--input", str(ledgers[rows][0]),
@@ -1000,7 +1001,8 @@ def table(results: dict) -> str:
             return "-" if x is None else f"{x:.2f}"
 
         lines.append(f"-- scale: python -m jobs.label as its own process, {sc['partitions']} partitions, "
-                     f"{sc['distinct_share']:.0%} distinct texts, medians of {max(r['runs'] for r in sc['rows'].values())}")
+                     f"{sc['distinct_share']:.0%} distinct texts, medians of "
+                     f"{max(r['runs'] for r in [*sc['rows'].values(), *sc['cache'].values()])}")
         lines.append(f"{'run':<30}{'wall s':>8}{'rows/s':>9}{'driver MiB':>11}{'scorer MiB':>11}{'labeler MiB':>12}"
                      f"{'scorer start s':>15}{'labeler start s':>16}")
         for label_, r in [(f"{int(k):,} rows, cold cache", v) for k, v in sc["rows"].items()] + \

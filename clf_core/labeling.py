@@ -401,10 +401,9 @@ def compact_cache(settings: LabelSettings, model_version: str, labels: list[str]
     """Keep the number of label cache files per model version bounded (a failure only warns: the
     labels are committed, and the next run tries again)."""
     cache = LabelCache(settings.cache, model_version)
-    if not settings.cache_max_files or len(cache.files()) <= settings.cache_max_files:
-        return
     try:
-        cache.compact(settings.cache_file_mb * 1024 ** 2, labels)   # logs what it did
+        if settings.cache_max_files and len(cache.files()) > settings.cache_max_files:
+            cache.compact(settings.cache_file_mb * 1024 ** 2, labels)   # logs what it did
     except Exception as exc:
         log.warning("label cache compaction failed (%s); the run's labels are committed, the next run tries again",
                     failure_reason(exc))

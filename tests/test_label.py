@@ -24,6 +24,7 @@ from clf_core import storage
 from clf_core.artifact import open_artifact
 from clf_core.errors import ConfigError
 from clf_core.label_cache import LabelCache
+from clf_core.predict import Predictor
 from clf_core.labeling import LabelSettings, review_threshold
 from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
@@ -608,7 +609,6 @@ def test_an_actor_killed_mid_run_does_not_lose_or_repeat_rows(ray_cluster, s3_bu
     inputs = pd.concat([df.assign(dt=d) for d, df in days.items()], ignore_index=True)
     out_rows = assert_exactly_once(iceberg_catalog, table_name, inputs)
     # the labels are a clean run's: the same model scoring the same texts with no fault
-    from clf_core.predict import Predictor
 
     clean = Predictor.load(tiny_artifact).predict(out_rows["texts"].tolist())
     assert out_rows["label"].tolist() == clean.labels
@@ -734,7 +734,6 @@ def test_the_label_cache_drops_bad_entries_and_skips_unreadable_files(tiny_artif
     """A poisoned or broken cache never decides a label: entries naming a class the model does
     not have, confidences outside [0, 1] and missing texts are dropped, an unreadable file is
     skipped with a warning, and the scorer scores those texts again."""
-    from clf_core.predict import Predictor
 
     version = Predictor.load(tiny_artifact).model_version
     cache = LabelCache(str(tmp_path / "cache"), version)
@@ -773,6 +772,31 @@ def test_compact_cache_command_bounds_the_files_and_keeps_every_entry(tmp_path, 
                                    "confidence": 0.8}), f"run{run}")
     done = cache.compact(target_file_bytes=target)
     assert done.files_before == 5 and done.files_after == 3 and len(cache.load()) == 9000
+
+
+@pytest.mark.integration
+def test_scoring_actors_use_an_approved_prequantized_backbone(ray_cluster, s3_bucket, iceberg_catalog, table_name,
+                                                               tiny_artifact, tmp_path, capsys):
+    import shutil
+
+    from jobs import prequantize as prequantize_job
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_artifact, model)   # approving writes into the model's manifest
+    assert prequantize_job.main(["--model", str(model), "--output", str(tmp_path / "nf4")]) == 0
+    assert "score with: --backbone" in capsys.readouterr().out
+    src = f"{s3_bucket}/ledgers"
+    day = ledger_day(40, 0)
+    write_partition(src, DAYS[0], day)
+    # an unapproved copy (the original model does not list it) is refused before any worker starts
+    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, f"{s3_bucket}/c0",
+                               "--backbone", str(tmp_path / "nf4"))) == 2
+    assert "does not approve" in capsys.readouterr().err
+    assert label.main(job_args(str(model), src, iceberg_catalog, table_name, f"{s3_bucket}/c1",
+                               "--backbone", str(tmp_path / "nf4"))) == 0
+    labeled = read_labeled(iceberg_catalog, table_name).sort_values("row_id")
+    expected = Predictor.load(tiny_artifact).predict(day.sort_values("row_id")["texts"].tolist())
+    assert labeled["label"].tolist() == expected.labels   # the 4-bit copy scores like quantize-on-load
 
 
 @pytest.mark.integration

@@ -14,9 +14,9 @@ model version. Only the scoring workers write here; keep it where writers of the
 cannot (`--cache`), so they cannot change labels through it.
 
 Nothing holds the whole cache. A run looks its distinct texts up with a distributed hash join
-(`lookup`: Ray Data's `Dataset.join`, each partition holding 1/N of the cache), scores the misses,
-and hands the label actors only the run's own labels, through Ray's object store. The cache grows by a few files per run;
-`compact` rewrites a model version's files into few large ones (the label job does it when a
+(`lookup`: Ray Data's `Dataset.join`, each partition holding 1/N of the cache), scores the
+misses, and hands the label actors only the run's own labels, through Ray's object store. The
+cache grows by a few files per run; `compact` rewrites a model version's files into few large ones (the label job does it when a
 version has more than `--cache-max-files`; `python -m jobs.table compact-cache` on demand). An
 entry twice in the cache (two runs at once) is harmless: both copies say the same thing.
 """

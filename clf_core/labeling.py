@@ -425,13 +425,11 @@ def unlabeled_texts(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["label"])).select([TEXT])
 
 
-def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, run_id: str,
-                     run_labels: list, summary: Summary) -> None:
+def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, labels: list[str],
+                     run_id: str, run_labels: list, summary: Summary) -> None:
     """Pass 2: label every row, write data files, commit each partition when its rows add up."""
     import ray
     from ray.data.datasource import Partitioning
-
-    from clf_core.artifact import open_artifact
 
     fs, input_root = storage.filesystem(settings.input)
     files = [f for p in pl.todo for f in p.files]
@@ -447,7 +445,7 @@ def label_and_commit(settings: LabelSettings, pl: Plan, table: LabeledTable, mod
                                                        "max_chars": settings.max_text_chars, "labeled_at": labeled_at,
                                                        "review_threshold": summary.review_threshold,
                                                        # cache entries naming another class are not used
-                                                       "labels": open_artifact(settings.model).labels,
+                                                       "labels": labels,
                                                        # this run's labels only, never the whole cache
                                                        "run_labels": run_labels})
                .map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
@@ -550,13 +548,15 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {last.strip()[:500]}"
 
 
-def review_threshold(settings: LabelSettings) -> float:
-    """--review-threshold, or the threshold the model was published with (0.9 for older models)."""
+def review_threshold(settings: LabelSettings, artifact=None) -> float:
+    """--review-threshold, or the threshold the model (`artifact`, opened from --model if not
+    given) was published with (0.9 for older models)."""
     if settings.review_threshold >= 0:
         return settings.review_threshold
     from clf_core.artifact import open_artifact
 
-    return float(open_artifact(settings.model).manifest.get("review", {}).get("threshold", 0.9))
+    artifact = artifact or open_artifact(settings.model)
+    return float(artifact.manifest.get("review", {}).get("threshold", 0.9))
 
 
 def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None = None) -> Summary:
@@ -567,8 +567,9 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
     from clf_core.artifact import open_artifact
 
     started = time.monotonic()
+    artifact = open_artifact(settings.model)   # verified once here; the actors verify their own copy
     summary = Summary(partitions_skipped=list(pl.skipped), partitions_failed=dict(pl.failed),
-                      rows_in=sum(p.rows for p in pl.todo), review_threshold=review_threshold(settings))
+                      rows_in=sum(p.rows for p in pl.todo), review_threshold=review_threshold(settings, artifact))
     if pl.todo:
         ctx = ray.data.DataContext.get_current()
         quiet_libraries()  # again: importing ray.data set its logger back to INFO
@@ -581,10 +582,9 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
             table.ensure(pl.schema, pl.key_is_date)   # created or widened before any worker writes
             if tag:
                 table.tag_current(tag)
-            labels = open_artifact(settings.model).labels
-            run_labels = score_distinct_texts(settings, pl.todo, model_version, labels, run_id, summary)
-            label_and_commit(settings, pl, table, model_version, run_id, run_labels, summary)
-            compact_cache(settings, model_version, labels)
+            run_labels = score_distinct_texts(settings, pl.todo, model_version, artifact.labels, run_id, summary)
+            label_and_commit(settings, pl, table, model_version, artifact.labels, run_id, run_labels, summary)
+            compact_cache(settings, model_version, artifact.labels)
         except Exception as exc:  # the pipeline died: every partition not yet committed failed
             why = f"the labeling pipeline failed: {failure_reason(exc)}"
             log.error(why)

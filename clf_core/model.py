@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from clf_core.artifact import sha256_file
 from clf_core.config import DEFAULT_BACKBONE, ClassifierConfig, ModelConfig
 from clf_core.errors import ArtifactError, ConfigError
 from clf_core.storage import is_remote, local_copy
@@ -198,7 +199,7 @@ def file_sha256(path: Path) -> str:
 
     st = path.stat()
     if st.st_size < CACHE_HASHES_FROM_BYTES:
-        return sha256_of(path)
+        return sha256_file(path)
     key = json.dumps([str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     entry = cache_dir() / "sha256" / hashlib.sha256(key.encode()).hexdigest()[:32]
     try:
@@ -207,7 +208,7 @@ def file_sha256(path: Path) -> str:
             return cached["sha256"]
     except (OSError, ValueError, AttributeError):
         pass
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     if path.stat().st_ctime_ns == st.st_ctime_ns:  # unchanged while we read it
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
@@ -217,14 +218,6 @@ def file_sha256(path: Path) -> str:
         except OSError as exc:  # a read-only cache only costs the next start the hashing
             log.debug("cannot remember the sha256 of %s: %s", path, exc)
     return digest
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def backbone_fingerprint(local_dir: str) -> dict:

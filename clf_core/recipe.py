@@ -75,7 +75,7 @@ class TrainRun:
 
     def calibrate(self) -> Calibration:
         """Fit the temperature and the review threshold on the validation split (the model holds
-        its best weights by now). Held-out figures come from `calibration_report`."""
+        its best weights by now). Held-out figures come from `held_out`."""
         p = self.prepared
         result = evaluate(p.model, self.trainer.val_loader, p.cfg.data.labels, p.hw.device, self.trainer.weights)
         r = p.cfg.review
@@ -96,10 +96,12 @@ class TrainRun:
         result = self.evaluation(table)
         return {**result.metrics, "loss": result.loss}
 
-    def calibration_report(self, table: pd.DataFrame) -> dict:
-        """ECE, Brier, reliability and risk-coverage on `table` (held out) before and after calibration."""
+    def held_out(self, table: pd.DataFrame) -> tuple[dict, dict]:
+        """From one pass over `table` (held out): the classification metrics, and ECE, Brier,
+        reliability and risk-coverage before and after calibration."""
         result = self.evaluation(table)
-        return calibration.evaluate(result.logits, result.labels, self.calibration or self.calibrate())
+        return ({**result.metrics, "loss": result.loss},
+                calibration.evaluate(result.logits, result.labels, self.calibration or self.calibrate()))
 
     def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> dict:
         p = self.prepared

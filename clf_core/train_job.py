@@ -1,0 +1,287 @@
+"""The training job as a library: read and split the data on the driver, fine-tune under Ray
+Train, publish the artifact. `python -m jobs.train` is its command line; the demo and the bench
+call `run` and `train_worker` with the same typed objects.
+
+    read + split (driver: bad input fails here) -> TorchTrainer(train_worker) on N workers
+      each worker: load the 4-bit base, DDP over LoRA + head, checkpoint every epoch
+      (a lost worker resumes from the last one)
+    -> rank 0: best weights -> calibrate on validation -> evaluate held-out -> publish artifact
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from clf_core import storage
+from clf_core.config import ClassifierConfig
+from clf_core.data import LabelMap, Split, read_table, stratified_split
+from clf_core.errors import ConfigError, DataError
+from clf_core.logs import setup_logging
+from clf_core.settings import bound_problems, setting
+
+log = logging.getLogger("jobs.train")
+
+
+@dataclass
+class TrainJobSettings:
+    """Where the data comes from and goes, and how many Ray Train workers run it (the model and
+    its training recipe are the ClassifierConfig)."""
+    output: str = setting("Where to publish the artifact (local dir or s3:// prefix). Never overwritten silently.",
+                          default="")
+    data: str = setting("Labeled CSV/Parquet (local or s3://), split stratified into train/validation/test.",
+                        default="")
+    train_data: str = setting("Explicit training file (with --validation-data, optional --test-data) instead of "
+                              "--data.", default="")
+    validation_data: str = setting("Explicit validation file.", default="")
+    test_data: str = setting("Explicit held-out test file (default: none, the report then uses validation).",
+                             default="")
+    overwrite: bool = setting("Replace an artifact already published at --output.", default=False)
+    checkpoints: str = setting("Checkpoint storage (local or s3://). Default: <output>-checkpoints beside --output.",
+                               default="")
+    num_workers: int = setting("Ray Train workers (one per GPU with --use-gpu).", at_least=1, default=1)
+    use_gpu: bool = setting("Give each worker one GPU.", default=False)
+    cpus_per_worker: float = setting("CPUs reserved per worker.", above=0, default=1.0)
+    max_failures: int = setting("Worker-group restarts allowed; each resumes from the last checkpoint.",
+                                at_least=0, default=3)
+    limit_rows: int = setting("Smoke size: use only this many rows (stratified sample) of --data.",
+                              at_least=0, hint="0 = every row", default=0)
+
+    def validate(self) -> "TrainJobSettings":
+        problems = bound_problems(self)
+        if not self.output.strip():
+            problems.append("--output is required: where to publish the artifact (a local folder or s3:// URI)")
+        if self.data and (self.train_data or self.validation_data):
+            problems.append("give either --data (one file, split for you) or --train-data + --validation-data, "
+                            "not both")
+        elif not self.data and not (self.train_data and self.validation_data):
+            problems.append("no training data: pass --data FILE, or --train-data and --validation-data")
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoints or self.output.rstrip("/") + "-checkpoints"
+
+
+@dataclass
+class WorkerJob:
+    """What crosses into every Ray Train worker: typed, built and validated on the driver."""
+    cfg: ClassifierConfig
+    split: Split
+    output: str
+    overwrite: bool = False
+    cpus_per_worker: float = 1.0
+    world_size: int = 1
+    data_description: str = ""
+
+
+def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> Split:
+    """Read and split the labeled data on the driver; every input problem is raised here."""
+    d = cfg.data
+    columns = [d.text_column, d.label_column]
+    labels = LabelMap(d.labels)
+    if settings.data:
+        table = read_table(settings.data, columns)
+        labels.encode(table[d.label_column].tolist(), where=settings.data)
+        if settings.limit_rows and settings.limit_rows < len(table):
+            table = table.groupby(d.label_column, group_keys=False).sample(
+                frac=settings.limit_rows / len(table), random_state=0)
+        split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
+    else:
+        parts = {}
+        for name, uri in (("train", settings.train_data), ("validation", settings.validation_data),
+                          ("test", settings.test_data)):
+            if uri:
+                parts[name] = read_table(uri, columns)
+                labels.encode(parts[name][d.label_column].tolist(), where=uri)
+        split = Split(parts["train"], parts["validation"], parts.get("test", parts["validation"]))
+    for name, part in (("train", split.train), ("validation", split.validation)):
+        missing = sorted(set(d.labels) - set(part[d.label_column].astype(str)))
+        if missing:
+            raise DataError(f"the {name} split has no rows of class(es) {missing}; add rows or drop them from --labels")
+    return split
+
+
+# ---- what every Ray Train worker runs ----------------------------------------------------------
+def train_worker(config: dict) -> None:
+    """Ray Train's train_loop_per_worker; `config["job"]` is the driver's WorkerJob."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from clf_core.data import Collator, LabeledTexts
+    from clf_core.recipe import prepare, truncation_report
+    from clf_core.train import Trainer, class_weights, make_loader
+
+    setup_logging()
+    job: WorkerJob = config["job"]
+    cfg, split = job.cfg, job.split
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(job.cpus_per_worker)))  # no oversubscription of shared cores
+    prepared = prepare(cfg, ray.train.torch.get_device())
+    model = prepared.model
+    # DDP over the trainable (LoRA + head) weights only; the 4-bit base is frozen on every rank.
+    forward_model = model
+    if world > 1:
+        forward_model = ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp")
+    d, t = cfg.data, cfg.train
+    train_data = LabeledTexts.from_table(split.train, d.text_column, d.label_column, prepared.labels, "train")
+    val_data = LabeledTexts.from_table(split.validation, d.text_column, d.label_column, prepared.labels, "validation")
+    collator = Collator(prepared.tokenizer, cfg.model.max_tokens)
+    trainer = Trainer(
+        model, t, d.labels, prepared.hw.device,
+        # Each rank trains on its own 1/world of every epoch's shuffled rows.
+        train_loader=make_loader(train_data, collator, t.batch_size, True, t.seed, rank, world),
+        # Every rank validates on all of it, so LR schedule and early stopping agree across ranks.
+        val_loader=make_loader(val_data, collator, t.eval_batch_size, False, t.seed),
+        forward_model=forward_model,
+        weights=class_weights(train_data.label_ids, len(d.labels), t.class_weights),
+    )
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            trainer.load_checkpoint(directory)
+        resumed_from = trainer.state.next_epoch
+        if rank == 0:
+            log.info("resumed from checkpoint after epoch %d", resumed_from)
+
+    def on_epoch_end(tr: Trainer, m) -> None:
+        if rank == 0:
+            log.info("epoch %d/%d: train loss %.4f  val loss %.4f  val acc %.4f  val macro-F1 %.4f  lr %.2g  %.1fs",
+                     m.epoch + 1, t.epochs, m.train_loss, m.val_loss, m.val_accuracy, m.val_macro_f1, m.lr, m.seconds)
+        metrics = {**asdict(m), "resumed_from_epoch": resumed_from, "world_size": world}
+        with tempfile.TemporaryDirectory() as tmp:
+            # Only rank 0 writes: the trainable weights are identical on every rank under DDP.
+            ckpt = Checkpoint.from_directory(tr.save_checkpoint(tmp)) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    trainer.fit(on_epoch_end)
+    if rank == 0:
+        trainer.restore_best()
+        evaluate_and_publish(job, prepared, trainer, resumed_from,
+                             truncation_report(prepared.tokenizer, train_data.texts + val_data.texts,
+                                               cfg.model.max_tokens))
+
+
+def evaluate_and_publish(job: WorkerJob, prepared, trainer, resumed_from, token_report) -> None:
+    """Rank 0, best weights: calibrate on validation, evaluate the held-out split, publish."""
+    from clf_core.artifact import publish
+    from clf_core.recipe import TrainRun
+    from clf_core.report import build_report
+
+    cfg, split = job.cfg, job.split
+    run = TrainRun(prepared, trainer, token_report)
+    run.calibrate()  # the temperature and the review threshold, on the validation split
+    test_metrics, calibration = run.held_out(split.test)
+    log.info("held-out test: accuracy %.4f  macro-F1 %.4f (%d rows); ECE %.4f -> %.4f calibrated; review threshold "
+             "%.3f flags %.1f%% and catches %d of %d errors", test_metrics["accuracy"], test_metrics["macro_f1"],
+             test_metrics["rows"], calibration["ece"]["before"], calibration["ece"]["after"],
+             calibration["review"]["threshold"], 100 * calibration["review"]["flagged"],
+             calibration["review"]["errors_caught"], calibration["review"]["errors"])
+    summary = {
+        "data": job.data_description,
+        "backbone": cfg.model.backbone,
+        "rows": {"train": len(split.train), "validation": len(split.validation), "test": len(split.test)},
+        "best_epoch": trainer.state.best_epoch,
+        "stopped_early": trainer.state.stopped_early,
+        "resumed_from_epoch": resumed_from,
+        "tokens": token_report,
+        "world_size": job.world_size,
+    }
+    files = build_report(test_metrics, trainer.state.history, summary, calibration)
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = run.save(os.path.join(tmp, "artifact"), extra_files=files,
+                            metrics={"test": test_metrics, "resumed_from_epoch": resumed_from,
+                                     "calibration": {k: calibration[k] for k in ("temperature", "ece", "brier", "review")}})
+        publish(os.path.join(tmp, "artifact"), job.output, overwrite=job.overwrite)
+    log.info("published model %s to %s", manifest["model_version"], job.output)
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def torch_trainer(job: WorkerJob, *, name: str, checkpoints: str, use_gpu: bool = False, max_failures: int = 0,
+                  keep_checkpoints: int = 2):
+    """The TorchTrainer that runs `train_worker` on `job.world_size` workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Checkpoints go through the same fsspec filesystem as everything else we store (s3fs for
+    # s3://): one storage layer, one set of credentials and endpoint rules. Arrow's own S3 client
+    # uploads even tiny marker files as multipart, which some S3-compatible stores reject.
+    storage_fs, storage_path = None, checkpoints
+    if storage.is_remote(checkpoints):
+        import pyarrow.fs as pafs
+
+        fs, storage_path = storage.filesystem(checkpoints)
+        storage_fs = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=job.world_size, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+
+
+def check_output(settings: TrainJobSettings) -> None:
+    if storage.exists(storage.join(settings.output, "manifest.json")) and not settings.overwrite:
+        raise ConfigError(f"an artifact is already published at {settings.output}; choose a new --output "
+                          f"(e.g. a new version suffix) or pass --overwrite")
+
+
+def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
+    """The whole job on the driver: checks, split, Ray Train, then a summary of what was
+    published. Returns the exit status: 0 published, 1 training failed, 2 bad input."""
+    from clf_core.errors import ClfError
+
+    started = time.monotonic()
+    try:
+        settings.validate()
+        check_output(settings)
+        split = load_split(settings, cfg)
+    except ClfError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("data: %d train / %d validation / %d test rows, labels %s",
+             len(split.train), len(split.validation), len(split.test), cfg.data.labels)
+    from clf_core.runtime import ensure_ray
+
+    ensure_ray()
+    job = WorkerJob(cfg=cfg, split=split, output=settings.output, overwrite=settings.overwrite,
+                    cpus_per_worker=settings.cpus_per_worker, world_size=settings.num_workers,
+                    data_description=settings.data or settings.train_data)
+    trainer = torch_trainer(job, name=os.path.basename(settings.output.rstrip("/")) or "train",
+                            checkpoints=settings.checkpoint_uri, use_gpu=settings.use_gpu,
+                            max_failures=settings.max_failures)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; show the cause, not a wall of frames
+        log.error("training failed: %s", exc)
+        return 1
+    print(published_summary(settings.output, result.path, time.monotonic() - started))
+    return 0
+
+
+def published_summary(output: str, checkpoints: str, seconds: float) -> str:
+    from clf_core.artifact import open_artifact
+
+    artifact = open_artifact(output)
+    manifest = artifact.manifest
+    test, review = manifest["metrics"]["test"], manifest.get("review", {})
+    return "\n".join([
+        f"\nmodel {artifact.model_version} published to {output}",
+        f"  held-out test: macro-F1 {test['macro_f1']:.4f}  accuracy {test['accuracy']:.4f}  ({test['rows']} rows)",
+        f"  confidence calibrated (temperature {manifest.get('calibration', {}).get('temperature', 1.0):.3f}); "
+        f"review threshold {review.get('threshold', 0.9):.3f} ({review.get('goal')} {review.get('value')})",
+        f"  report: {storage.join(output, 'report.md')} (confusion_matrix.png, curves.png, reliability.png, "
+        f"risk_coverage.png)",
+        f"  checkpoints: {checkpoints}",
+        f"  {seconds:.0f}s"])

@@ -11,7 +11,6 @@ otherwise fail the whole run mid-way. The output side is clf_core.table.
 from __future__ import annotations
 
 import logging
-import posixpath
 import re
 from dataclasses import dataclass, field
 

@@ -27,13 +27,14 @@ from clf_core.table import LabeledTable, TableError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clf_core.labeling import add_arguments
+    from clf_core.label_settings import LabelSettings
+    from clf_core.settings import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m jobs.backfill", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)  # an old --output must not pass for --output-table
     parser.add_argument("--start", required=True, help="First partition date to relabel, YYYY-MM-DD (inclusive).")
     parser.add_argument("--end", required=True, help="Last partition date to relabel, YYYY-MM-DD (inclusive).")
-    add_arguments(parser)
+    add_arguments(parser, LabelSettings)
     return parser
 
 
@@ -43,7 +44,10 @@ def backfill_tag(start, end, model_version: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
-    from clf_core.labeling import execute, parse_date, plan, settings_from_args
+    from clf_core.label_plan import plan
+    from clf_core.label_settings import LabelSettings, parse_date
+    from clf_core.labeling import execute
+    from clf_core.settings import from_args
     from clf_core.logs import setup_logging
 
     setup_logging()
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         start, end = parse_date("--start", args.start), parse_date("--end", args.end)
         if start > end:
             raise ConfigError(f"--start {args.start} is after --end {args.end}; swap them")
-        settings = settings_from_args(args)
+        settings = from_args(LabelSettings, args).validate()
         model_version = open_artifact(settings.model).model_version
         table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
         todo = plan(settings, model_version, table, start, end, mode="backfill")

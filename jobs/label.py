@@ -32,22 +32,26 @@ log = logging.getLogger("jobs.label")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clf_core.labeling import add_arguments
+    from clf_core.label_settings import LabelSettings
+    from clf_core.settings import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)  # an old --output must not pass for --output-table
-    add_arguments(parser)
+    add_arguments(parser, LabelSettings)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
-    from clf_core.labeling import execute, plan, settings_from_args
+    from clf_core.label_plan import plan
+    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling import execute
+    from clf_core.settings import from_args
     from clf_core.logs import setup_logging
 
     setup_logging()
     try:
-        settings = settings_from_args(build_parser().parse_args(argv))
+        settings = from_args(LabelSettings, build_parser().parse_args(argv)).validate()
         model_version = open_artifact(settings.model).model_version   # a bad --model fails here, not in an actor
         table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
         todo = plan(settings, model_version, table)

@@ -783,11 +783,12 @@ def test_label_entrypoints_pass_the_jobs_own_validation(source, module, argv):
     """--catalog, --output-table NS.TABLE and --cache are required by the job (not by argparse):
     LabelSettings.validate(), which the job runs first, must accept every documented command."""
     from clf_core.errors import ConfigError
-    from clf_core.labeling import settings_from_args
+    from clf_core.label_settings import LabelSettings
+    from clf_core.settings import from_args
 
     args = parse(source, module, argv)
     try:
-        settings = settings_from_args(args)
+        settings = from_args(LabelSettings, args).validate()
     except ConfigError as exc:
         pytest.fail(f"{source}: `python -m {module} {shlex.join(argv)}` fails the job's validation: {exc}")
     assert settings.catalog and "." in settings.output_table and settings.cache

@@ -25,7 +25,7 @@ from clf_core.artifact import open_artifact
 from clf_core.errors import ConfigError
 from clf_core.label_cache import LabelCache
 from clf_core.predict import Predictor
-from clf_core.labeling import LabelSettings, review_threshold
+from clf_core.label_settings import LabelSettings, review_threshold
 from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
@@ -239,7 +239,7 @@ def test_ray_datas_footer_reader_pool_is_sized_to_the_files(monkeypatch):
     the knob fails here instead of silently costing seconds per pass."""
     from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
 
-    from clf_core.labeling import FOOTER_ACTORS_ENV, footer_readers_for
+    from clf_core.runtime import FOOTER_ACTORS_ENV, footer_readers_for
 
     monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
     for files, actors in ((1, 1), (10, 1), (11, 2), (5000, 32)):

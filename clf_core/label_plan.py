@@ -1,0 +1,133 @@
+"""Which ledger partitions a label run takes on, and why: planned on the driver from the input
+folders' listings, their Parquet footers and the table's commit records, before any worker starts.
+Nothing here reads rows or runs Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import date
+
+import pyarrow as pa
+
+from clf_core import partitions as parts
+from clf_core import storage
+from clf_core.label_settings import LabelSettings
+from clf_core.scoring import OUTPUT_COLUMNS
+from clf_core.table import DATE, LabeledTable, PartitionCommit, input_changes
+
+log = logging.getLogger(__name__)
+
+
+def is_date(value: str) -> bool:
+    try:
+        return bool(DATE.match(value)) and date.fromisoformat(value) is not None
+    except ValueError:
+        return False
+
+
+@dataclass
+class Plan:
+    todo: list[parts.Partition]
+    skipped: list[str]                 # labeled already, from the same input files (and not forced)
+    failed: dict[str, str]             # partition -> why (names the file)
+    why: dict[str, str] = field(default_factory=dict)                  # partition to label -> why
+    planned_on: dict[str, PartitionCommit] = field(default_factory=dict)  # its record when planned
+    schema: pa.Schema | None = None    # the planned files read as one dataset
+    key_is_date: bool = True           # the table's partition column is an Iceberg date
+    mode: str = "label"                # "label" (nightly) or "backfill" (also relabels other model versions)
+
+
+def reason_to_label(record: PartitionCommit | None, partition: parts.Partition, model_version: str, mode: str,
+                    force: bool) -> str | None:
+    """Why a partition needs (re)labeling given its committed record, or None to leave it."""
+    if record is None:
+        return "not labeled yet"
+    current = parts.input_files(partition)
+    if tuple(map(tuple, record.input_files)) != current:
+        return f"input changed since run {record.run_id}: {input_changes(record.input_files, current)}"
+    if mode == "backfill" and record.model_version != model_version:
+        return f"labeled by model {record.model_version}"
+    if force:
+        return "--force"
+    return None
+
+
+def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start: date | None = None,
+         end: date | None = None, mode: str = "label") -> Plan:
+    """Which partitions to label: those the table holds no labels for, those whose input files
+    changed since they were labeled (a late or rewritten file), all with --force; with a date
+    range, only those inside it; for backfills, also those labeled by another model version
+    (which makes an interrupted backfill resumable: what it finished is skipped on the re-run)."""
+    if settings.backbone and not storage.is_remote(settings.backbone):
+        # the check every scoring actor makes on start, made once here (remote copies are
+        # checked by the actors, which download them anyway)
+        from clf_core.artifact import open_artifact
+        from clf_core.predict import backbone_for
+
+        backbone_for(open_artifact(settings.model), settings.backbone)
+    found = parts.discover(settings.input, settings.partition_key)
+    if start or end:
+        inside = []
+        for p in found:
+            if not is_date(p.value):
+                log.warning("ignoring %s: not a date, outside any --start/--end range", p.name)
+            elif not ((start and p.value < start.isoformat()) or (end and p.value > end.isoformat())):
+                inside.append(p)
+        found = inside
+    key_is_date = (table.key_is_date if table.key_is_date is not None
+                   else all(is_date(p.value) for p in found if not p.problem))
+    records = table.commits()
+    pl = Plan(todo=[], skipped=[], failed={}, key_is_date=key_is_date, mode=mode)
+    candidates = []
+    for p in found:
+        if p.problem:  # found unreadable at discovery (an odd folder name or layout)
+            pl.failed[p.name] = p.problem
+            continue
+        why = reason_to_label(records.get(p.name), p, model_version, mode, settings.force)
+        if why is None:
+            pl.skipped.append(p.name)
+            continue
+        if key_is_date and not is_date(p.value):
+            pl.failed[p.name] = (f"{p.value!r} is not a date (YYYY-MM-DD), and table {table.identifier} stores "
+                                 f"{settings.partition_key} as a date; rename the folder, or label it into another table")
+            continue
+        pl.why[p.name] = why
+        candidates.append(p)
+    footers = parts.read_footers(candidates)  # all at once; the checks below go in partition order
+    misfits: dict[str, str | None] = {}        # most files of a ledger share one schema: check each once
+    for p in candidates:
+        parts.inspect(p, settings.text_column, OUTPUT_COLUMNS + (settings.partition_key,), footers)
+        if not p.problem:
+            for uri, schema in p.schemas.items():
+                conflict = parts.schema_conflict(pl.schema, schema)
+                if conflict:
+                    p.problem = (f"{uri} does not match the partitions planned before it in this run "
+                                 f"(first: {pl.todo[0].files[0]}): {conflict}. A run reads all its partitions "
+                                 f"as one dataset; once they are committed, a re-run labels {p.name} on its own.")
+                    break
+                key = schema.to_string()
+                misfit = misfits[key] if key in misfits else misfits.setdefault(key, table.check_input_schema(schema))
+                if misfit:
+                    p.problem = f"{uri} {misfit}. Rewrite the file with the table's column types."
+                    break
+        if p.problem:
+            pl.failed[p.name] = p.problem
+            pl.why.pop(p.name, None)
+            continue
+        for schema in p.schemas.values():
+            pl.schema = parts.merge_schemas(pl.schema, schema)
+        pl.todo.append(p)
+        if p.name in records:
+            pl.planned_on[p.name] = records[p.name]
+    return pl
+
+
+def describe_plan(pl: Plan) -> str:
+    lines = [f"would label {len(pl.todo)} partition(s) ({sum(p.rows for p in pl.todo)} rows), "
+             f"skip {len(pl.skipped)} already labeled, {len(pl.failed)} cannot be read"]
+    lines += [f"  label  {p.name}  {p.rows} rows in {len(p.files)} file(s): {pl.why.get(p.name, '')}" for p in pl.todo]
+    lines += [f"  skip   {name}  (labeled from these input files; --force relabels)" for name in pl.skipped]
+    lines += [f"  FAIL   {name}  {why}" for name, why in pl.failed.items()]
+    return "\n".join(lines)

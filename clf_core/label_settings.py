@@ -1,0 +1,116 @@
+"""The label jobs' settings (jobs.label, jobs.backfill): every flag declared once, with its help,
+default and check. `python -m jobs.label --help` prints these.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from clf_core.errors import ConfigError
+from clf_core.scoring import OUTPUT_COLUMNS
+from clf_core.settings import bound_problems, setting
+from clf_core.table import DATE
+
+
+@dataclass
+class LabelSettings:
+    model: str = setting("Model artifact published by jobs.train: a local folder or s3:// URI.", default="")
+    input: str = setting("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="")
+    catalog: str = setting("The pyiceberg catalog holding the output table, configured the pyiceberg way "
+                           "(.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables).", default="")
+    output_table: str = setting("The labeled table, NAMESPACE.TABLE; created on first use, partitioned like the "
+                                "input.", default="")
+    cache: str = setting("Label cache prefix (local or s3://), keyed by model version and text: the next run "
+                         "scores only texts it has never seen. Keep it apart from the input.", default="")
+    text_column: str = setting("Column holding the line-item text.", default="texts")
+    partition_key: str = setting("Hive partition key of the input folders (key=value); also the table's partition "
+                                 "column (an Iceberg date when every value is a date).", default="dt")
+    actors: int = setting("Scoring actors (production: one per GPU).", at_least=1, default=1)
+    backbone: str = setting("Where the scoring actors read the base weights: empty = the backbone the model was "
+                            "trained on. A pre-quantized copy the model approves (python -m jobs.prequantize) "
+                            "loads without quantizing on start (0.11x the cold start in jobs.bench). Checked "
+                            "by content, like the original.", default="")
+    cpus_per_actor: float = setting("CPUs reserved per actor. Keep the total below the cluster's CPUs so "
+                                    "Ray Data's read tasks are never starved.",
+                                    above=0, hint="e.g. 0.5 on a laptop, 4 on a GPU node", default=0.5)
+    gpus_per_actor: float = setting("GPUs per scoring actor: 1 on a T4 node, 0 on CPU.",
+                                    at_least=0, hint="1 = one T4 per actor", default=0.0)
+    batch_size: int = setting("Texts per model forward pass (bounds the activations' GPU memory).",
+                              at_least=1, default=64)
+    rows_per_call: int = setting("Distinct texts handed to a scoring actor per call. The actor sorts them by "
+                                 "token length before cutting forward batches, so a larger call pads less "
+                                 "(64 per call ran at half the speed of 1024 on CPU); each call is also one "
+                                 "durable write to the label cache, the most a killed actor can lose.",
+                                 at_least=1, hint="e.g. 1024", default=1024)
+    shuffle_partitions: int = setting("Partitions of the run-wide distinct-text shuffle: a few per node; more for "
+                                      "tens of millions of distinct texts.", at_least=1, default=16)
+    max_text_chars: int = setting("Texts longer than this are not scored; the row's error says why.",
+                                  at_least=1, default=2000)
+    cache_max_files: int = setting("After the run, rewrite the model version's label cache into few large files "
+                                   "when it has more files than this (each run adds about one per "
+                                   "--rows-per-call new texts). 0: never (python -m jobs.table compact-cache).",
+                                   at_least=0, hint="0 = never compact in the job", default=64)
+    cache_file_mb: int = setting("Target size of a compacted label cache file, in MB of memory (about 4 M "
+                                 "entries per 256 MB).", at_least=1, default=256)
+    actor_start_timeout_s: float = setting("Seconds to wait for the first actors to load the model "
+                                           "(-1 = no limit: 7B weights can take minutes).", default=-1)
+    review_threshold: float = setting("Rows scored below this confidence, and rows that could not be scored, "
+                                      "get needs_review=true (the review queue: a query on the table). -1: the "
+                                      "threshold the model was published with (chosen on validation for a stated "
+                                      "goal; 0.9 for models made before that).", default=-1.0)
+    review_export: str = setting("Also write each labeled partition's needs_review rows to "
+                                 "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
+                                 "spreadsheet. Empty: no files.", default="")
+    progress_every_s: float = setting("Seconds between progress lines (rows done, rate, ETA) in a log; on a "
+                                      "terminal a progress bar instead.",
+                                      at_least=0, hint="0 = a line per update", default=30.0)
+    force: bool = setting("Relabel partitions that already have committed labels.", default=False)
+    dry_run: bool = setting("List what would be labeled and exit without running anything.", default=False)
+
+    def validate(self) -> "LabelSettings":
+        """Every bad value at once, each with its fix (ConfigError), before any worker starts."""
+        problems = bound_problems(self)
+        for name in ("model", "input", "cache"):
+            if not getattr(self, name).strip():
+                problems.append(f"--{name} is required (a local path or s3:// URI)")
+        if not self.catalog.strip():
+            problems.append("--catalog is required: the name of a pyiceberg catalog (e.g. --catalog ledgers, "
+                            "configured in .pyiceberg.yaml or PYICEBERG_CATALOG__LEDGERS__* variables)")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*", self.output_table or ""):
+            problems.append(f"--output-table {self.output_table!r}: expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
+        if self.input and self.cache and self.input.rstrip("/") == self.cache.rstrip("/"):
+            problems.append(f"--cache {self.cache!r} is the same as --input; keep the label cache apart")
+        if not self.text_column:
+            problems.append("--text-column must name a column")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.partition_key or ""):
+            problems.append(f"--partition-key {self.partition_key!r}: use a column-like name such as dt")
+        if self.text_column in OUTPUT_COLUMNS:
+            problems.append(f"--text-column {self.text_column!r} is a column labeling adds; name the input column")
+        if not (0.0 <= self.review_threshold <= 1.0 or self.review_threshold == -1.0):
+            problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored "
+                            f"rows), or -1 for the model's own")
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
+
+
+def parse_date(flag: str, value: str) -> date:
+    if not DATE.match(value or ""):
+        raise ConfigError(f"{flag} {value!r}: expected a date as YYYY-MM-DD, e.g. 2024-01-31")
+    try:
+        return date.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {value!r}: not a calendar date ({exc}); use YYYY-MM-DD") from exc
+
+
+def review_threshold(settings: LabelSettings, artifact=None) -> float:
+    """--review-threshold, or the threshold the model (`artifact`, opened from --model if not
+    given) was published with (0.9 for older models)."""
+    if settings.review_threshold >= 0:
+        return settings.review_threshold
+    from clf_core.artifact import open_artifact
+
+    artifact = artifact or open_artifact(settings.model)
+    return float(artifact.manifest.get("review", {}).get("threshold", 0.9))

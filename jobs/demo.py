@@ -126,16 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_ray()
         step("1/3 train the classifier (jobs.train)")
-        train_args = ["--data", labeled, "--output", model, "--text-column", "full_path", "--label-column", "label",
-                      "--cpus-per-worker", "1"]
-        if args.smoke:
-            from jobs.support.tiny import build_tiny_mistral
-
-            train_args += ["--base-model", str(build_tiny_mistral(workdir / "tiny-backbone")), "--limit-rows", "300",
-                           "--epochs", "1", "--set", "lora.r=8", "--set", "lora.alpha=16", "--lr", "2e-3"]
-        from jobs import train as train_job
-
-        if train_job.main(train_args) != 0:
+        if train(labeled, model, workdir, args.smoke) != 0:
             return 1
 
         step(f"2/3 label {args.nights} nightly partitions into table {TABLE} (jobs.label)")
@@ -167,11 +158,29 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
+def train(labeled: str, model: str, workdir: Path, smoke: bool) -> int:
+    """`python -m jobs.train --data ... --output ... --text-column full_path --cpus-per-worker 1`:
+    the default backbone and recipe; with --smoke, the tiny model of configs/tiny.yaml on 300 rows."""
+    from clf_core.config import ClassifierConfig
+    from clf_core.train_job import TrainJobSettings, run
+
+    settings = TrainJobSettings(data=labeled, output=model, cpus_per_worker=1.0)
+    overrides = {"data.text_column": "full_path", "data.label_column": "label"}
+    if not smoke:
+        return run(settings, ClassifierConfig.load(overrides=overrides))
+    from jobs.support.tiny import build_tiny_mistral, tiny_config
+
+    settings.limit_rows = 300
+    return run(settings, tiny_config(build_tiny_mistral(workdir / "tiny-backbone"), {**overrides, "train.epochs": 1}))
+
+
 def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):
     """`python -m jobs.label --model ... --input ... --catalog demo --output-table ledgers.labeled_lines
     --cache ... --review-export ... --shuffle-partitions 4` (4 shuffle partitions suit 2 cores)."""
     from clf_core.artifact import open_artifact
-    from clf_core.labeling import LabelSettings, execute, plan
+    from clf_core.label_plan import plan
+    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling import execute
     from clf_core.table import LabeledTable
 
     settings = LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,

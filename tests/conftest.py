@@ -49,11 +49,9 @@ def tiny_backbone(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_config(tiny_backbone) -> ClassifierConfig:
     """A tiny nf4 Mistral QLoRA config that learns the separable task in seconds on CPU."""
-    return ClassifierConfig.load(overrides={
-        "model.backbone": tiny_backbone,
-        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.lr": 2e-3, "train.epochs": 3, "train.batch_size": 16,
-    })
+    from jobs.support.tiny import tiny_config
+
+    return tiny_config(tiny_backbone)
 
 
 def fake_aws_keys() -> tuple[str, str]:
@@ -148,10 +146,9 @@ def train_tiny_artifact(directory, backbone: str, steps: int = 6) -> str:
     from clf_core.data import stratified_split
     from clf_core.recipe import train_classifier
 
-    cfg = ClassifierConfig.load(overrides={
-        "model.backbone": backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.lr": 2e-3, "train.epochs": 1, "train.batch_size": 16, "train.max_steps": steps,
-    })
+    from jobs.support.tiny import tiny_config
+
+    cfg = tiny_config(backbone, {"train.epochs": 1, "train.max_steps": steps})
     split = stratified_split(ledger_rows(128, seed=11), "label", cfg.train.split, seed=200)
     train_classifier(cfg, split).save(directory)
     return str(directory)

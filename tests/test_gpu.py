@@ -13,20 +13,18 @@ from clf_core.data import stratified_split
 from clf_core.predict import Predictor
 from clf_core.recipe import train_classifier
 from conftest import ledger_rows
+from jobs.support.tiny import tiny_config
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def tiny_config(backbone: str, compute_dtype: str) -> ClassifierConfig:
-    return ClassifierConfig.load(overrides={
-        "model.backbone": backbone, "model.device": "cuda", "model.compute_dtype": compute_dtype,
-        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "train.lr": 2e-3, "train.epochs": 3,
-        "train.batch_size": 16})
+def tiny_cuda_config(backbone: str, compute_dtype: str) -> ClassifierConfig:
+    return tiny_config(backbone, {"model.device": "cuda", "model.compute_dtype": compute_dtype})
 
 
 def test_fp16_as_on_a_t4_trains_calibrates_and_scores_on_the_gpu(tiny_backbone, tmp_path):
-    cfg = tiny_config(tiny_backbone, "float16")   # a T4 has no bf16: production computes in fp16
+    cfg = tiny_cuda_config(tiny_backbone, "float16")   # a T4 has no bf16: production computes in fp16
     split = stratified_split(ledger_rows(480, seed=1), "label", cfg.train.split, seed=200)
     run = train_classifier(cfg, split)
     assert run.prepared.hw.device.type == "cuda" and run.prepared.hw.compute_dtype == torch.float16
@@ -42,7 +40,7 @@ def test_fp16_as_on_a_t4_trains_calibrates_and_scores_on_the_gpu(tiny_backbone, 
 
 
 def test_a_model_trained_on_the_gpu_scores_the_same_on_a_cpu(tiny_backbone, tmp_path):
-    cfg = tiny_config(tiny_backbone, "auto")   # bf16 on sm_80+, fp32 on a CPU
+    cfg = tiny_cuda_config(tiny_backbone, "auto")   # bf16 on sm_80+, fp32 on a CPU
     split = stratified_split(ledger_rows(480, seed=2), "label", cfg.train.split, seed=200)
     train_classifier(cfg, split).save(tmp_path / "model")
     texts = split.test["texts"].tolist()

@@ -21,10 +21,10 @@ from clf_core import storage
 from clf_core.predict import Predictor
 from conftest import ledger_rows
 from jobs import train as train_job
+from jobs.support.tiny import TINY_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--set", "lora.r=8", "--set", "lora.alpha=16", "--set", "lora.dropout=0",
-              "--lr", "2e-3", "--batch-size", "16"]
+TINY_FLAGS = ["--config", str(TINY_CONFIG)]
 
 
 def write_text(path: Path, text: str) -> str:

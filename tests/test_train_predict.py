@@ -7,20 +7,17 @@ import pytest
 import torch
 
 from clf_core.artifact import open_artifact
-from clf_core.config import ClassifierConfig
 from clf_core.data import stratified_split
 from clf_core.errors import ArtifactError
 from clf_core.predict import Predictor
 from clf_core.recipe import train_classifier
 from conftest import ledger_rows
+from jobs.support.tiny import tiny_config as tiny_model_config
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone):
-    cfg = ClassifierConfig.load(overrides={
-        "model.backbone": tiny_backbone, "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0,
-        "train.lr": 2e-3, "train.epochs": 3, "train.batch_size": 16,
-    })
+    cfg = tiny_model_config(tiny_backbone)
     split = stratified_split(ledger_rows(480, seed=1), "label", cfg.train.split, seed=200)
     run = train_classifier(cfg, split)
     directory = tmp_path_factory.mktemp("artifact") / "model"
@@ -252,10 +249,8 @@ def test_multiclass_five_account_types_train_and_score(tiny_backbone):
 
     table = read_table(sample_data_path("coa_all_types")).sample(600, random_state=0)
     labels = ["Asset", "Liability", "Equity", "Income", "Expense"]
-    cfg = ClassifierConfig.load(overrides={
-        "model.backbone": tiny_backbone, "data.text_column": "full_path", "data.label_column": "root_type",
-        "data.labels": labels, "lora.r": 8, "lora.alpha": 16, "train.lr": 2e-3, "train.epochs": 2,
-    })
+    cfg = tiny_model_config(tiny_backbone, {"data.text_column": "full_path", "data.label_column": "root_type",
+                                      "data.labels": labels, "train.epochs": 2})
     split = stratified_split(table, "root_type", cfg.train.split, seed=200)
     run = train_classifier(cfg, split)
     metrics = run.evaluate_table(split.test)

@@ -9,8 +9,19 @@ layout `from_pretrained` expects. Layer widths are multiples of 64 because bitsa
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+
+# The tiny model's recipe (LoRA rank, learning rate, ...), one file for tests, demo and bench.
+TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+
+
+def tiny_config(backbone: str | Path, overrides: dict[str, Any] | None = None):
+    """configs/tiny.yaml for `backbone`, with dotted overrides (e.g. {"train.epochs": 1})."""
+    from clf_core.config import ClassifierConfig
+
+    return ClassifierConfig.load(str(TINY_CONFIG), {"model.backbone": str(backbone), **(overrides or {})})
 
 
 def build_byte_bpe_tokenizer(corpus: list[str], vocab_size: int = 512):

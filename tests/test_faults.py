@@ -7,8 +7,8 @@
    entrypoints are), whose workers learn the proxy's URL from the job's runtime_env: the same
    route `ray job submit --runtime-env-json '{"env_vars": {"AWS_ENDPOINT_URL": ...}}'` takes.
    The session cluster's own environment (the moto endpoint) is left alone.
-2. Ledgers fuzzed with Hypothesis go through the job's plan (footer checks) and then through
-   the code Ray runs on each batch, called directly (no Ray) for speed.
+2. Ledgers fuzzed with Hypothesis go through the job's plan (footer checks), many of them fast,
+   and a few through the job's whole run on the session's Ray cluster (the real pipeline).
 3. The session's fake AWS secret (tests/conftest.py) is held by every process, the Ray workers
    included; no output, log or Ray session file may contain it.
 """
@@ -36,7 +36,6 @@ from urllib.parse import quote, unquote, urlsplit
 import fsspec
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -44,12 +43,12 @@ from hypothesis import strategies as st
 
 from clf_core import storage
 from support.fault_proxy import FaultProxy, Faults
-from clf_core.label_cache import LabelCache
-from clf_core.labeling import LabelSettings, plan
-from clf_core.partitions import merge_schemas
-from clf_core.scoring import TEXT, ApplyLabels, check_text, distinct_valid_texts
+from clf_core.label_plan import plan
+from clf_core.label_settings import LabelSettings
+from clf_core.scoring import check_text
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
+from jobs.support.tiny import TINY_CONFIG
 from test_cluster import find_secrets
 from test_label import (assert_exactly_once, commit_rows, commits, figures, job_args, labeled_rows, ledger_day,
                         read_labeled, write_partition)
@@ -463,23 +462,14 @@ def write_local(root: Path, day: str, files: list[bytes]) -> list[str]:
     return paths
 
 
-def label_like_the_job(partition: Partition, run_schema: pa.Schema, work: Path) -> pa.Table:
-    """What Ray runs for a planned partition, without Ray: read its files as part of the run's
-    dataset (one merged schema), pass 1 (distinct valid texts -> the label cache, a stand-in
-    model labels everything Income), pass 2 (ApplyLabels)."""
-    table = pads.dataset(partition.files, format="parquet", schema=run_schema).to_table()
-    texts = distinct_valid_texts(table.select(["texts"]), "texts", MAX_CHARS).to_pandas()
-    if len(texts):
-        LabelCache(str(work / "cache"), "v-fuzz").append(
-            texts.assign(label="Income", confidence=0.75)[[TEXT, "label", "confidence"]], "run")
-    return ApplyLabels(str(work / "cache"), "v-fuzz", "texts", MAX_CHARS, "2024-05-01T00:00:00+00:00")(table)
-
-
 @pytest.mark.integration  # starts the local S3 endpoint
 @settings(max_examples=80, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(fuzzed_partition())
-def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(iceberg_catalog, files):
+def test_fuzzed_ledgers_are_planned_or_fail_their_partition_by_name(iceberg_catalog, files):
+    """The plan (footers, schemas) on many fuzzed ledgers, fast: a bad partition is refused naming
+    its file and never takes a good one down; what the labeling run then does with the planned
+    ones is the next test's."""
     good = pa.table({"row_id": pa.array([1, 2, 3], pa.int64()), "texts": ["Rent", "Gas", None],
                      "amount": pa.array([1, 2, 3], pa.int64())})
     sink = pa.BufferOutputStream()
@@ -503,21 +493,76 @@ def test_fuzzed_ledgers_fail_their_partition_by_name_or_get_row_errors(iceberg_c
             named = [p for p, m in zip(paths, mutations) if p in why]
             assert named, f"the problem names no file of the partition: {why}"
             assert any(m not in BENIGN for m in mutations), f"a good partition was refused: {why} ({mutations})"
-            return
-        assert not set(mutations) & MUST_FAIL, f"{mutations} should have failed the partition"
-        partition = next(p for p in pl.todo if p.name == "dt=2024-05-02")
-        event("labeled")
-        run_schema = None
+        else:
+            event("planned")
+            assert not set(mutations) & MUST_FAIL, f"{mutations} should have failed the partition"
+
+
+def expected_outcomes(paths: list[str]) -> dict[int, bool]:
+    """row_id -> whether the row must get a label (a valid text) or an error instead, from the
+    file's own values: bytes that are not UTF-8 are an error, like any text check_text refuses."""
+    out = {}
+    for path in paths:
+        t = pq.read_table(path, columns=["row_id", "texts"])
+        for row_id, value in zip(t["row_id"].to_pylist(), t["texts"].to_pylist()):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    out[row_id] = False
+                    continue
+            out[row_id] = check_text(value, MAX_CHARS)[0] is not None
+    return out
+
+
+@pytest.mark.integration  # starts the local S3 endpoint and uses the session's Ray cluster
+@settings(max_examples=2, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(fuzzed_partition(), min_size=5, max_size=5))
+def test_fuzzed_ledgers_through_the_real_label_run(ray_cluster, iceberg_catalog, tiny_artifact, ledgers):
+    """A good partition and five fuzzed ones through the job's own plan and run (Ray Data, the
+    tiny 4-bit model, the Iceberg commit): every planned partition commits, each of its rows once,
+    with a label or, for a text that cannot be scored, an error; every other partition fails
+    naming one of its files. The good partition comes first, so the run's schema is its own: a
+    fuzzed one that does not fit it waits for a run of its own (by design), it never takes the
+    good one down."""
+    from clf_core.artifact import open_artifact
+    from clf_core.labeling import run
+
+    good = ledger_day(8, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "in"
+        paths = {"dt=2024-04-30": [str(root / "dt=2024-04-30" / "part-0.parquet")]}
+        (root / "dt=2024-04-30").mkdir(parents=True)
+        good.to_parquet(paths["dt=2024-04-30"][0], index=False)
+        for i, files in enumerate(ledgers):
+            paths[f"dt=2024-05-0{i + 1}"] = write_local(root, f"2024-05-0{i + 1}", [data for _, data in files])
+        artifact = open_artifact(tiny_artifact)
+        table_id = f"t.fuzz_{uuid.uuid4().hex[:8]}"
+        cfg = LabelSettings(model=tiny_artifact, input=str(root), catalog=iceberg_catalog, output_table=table_id,
+                            cache=str(Path(tmp) / "cache"), max_text_chars=MAX_CHARS, batch_size=16,
+                            shuffle_partitions=2, cpus_per_actor=0.5).validate()
+        table = LabeledTable(iceberg_catalog, table_id)
+        pl = plan(cfg, artifact.model_version, table)
+        summary = run(cfg, pl, table, artifact.model_version)
+
+        planned = sorted(p.name for p in pl.todo)
+        assert "dt=2024-04-30" in planned, f"a bad partition took the good one down: {pl.failed}"
+        assert sorted(summary.partitions_committed) == planned and summary.partitions_failed == pl.failed, \
+            summary.report()
+        for name, why in pl.failed.items():
+            assert any(path in why for path in paths[name]), f"{name}: the problem names no file of it: {why}"
+        labeled = read_labeled(iceberg_catalog, table_id)
         for p in pl.todo:
-            for schema in p.schemas.values():
-                run_schema = merge_schemas(run_schema, schema)
-        out = label_like_the_job(partition, run_schema, Path(tmp))
-        assert out.num_rows == partition.rows  # every row once, from the footers' count
-        ids = out["row_id"].to_pylist()
-        assert len(set(ids)) == len(ids) == partition.rows
-        for value, lab, error in zip(out["texts"].to_pylist(), out["label"].to_pylist(), out["error"].to_pylist()):
-            text, why = check_text(value, MAX_CHARS)
-            assert (lab, error) == (("Income", None) if text is not None else (None, why)), (value, lab, error)
+            rows = labeled[labeled["dt"] == p.value]
+            assert len(rows) == p.rows and rows["row_id"].is_unique, f"{p.name}: {len(rows)} rows for {p.rows}"
+            must_label = expected_outcomes(paths[p.name])
+            for row in rows.itertuples():
+                if must_label[row.row_id]:
+                    assert row.label in artifact.labels and pd.isna(row.error), (p.name, row)
+                else:  # e.g. a null, blank, over-long or non-UTF-8 text
+                    assert pd.isna(row.label) and isinstance(row.error, str) and row.needs_review, (p.name, row)
+        event(f"{len(pl.todo) - 1} fuzzed partitions labeled, {len(pl.failed)} refused")
 
 
 @pytest.mark.integration  # starts the local S3 endpoint
@@ -597,8 +642,7 @@ def test_no_output_log_or_ray_file_holds_the_aws_secret(ray_cluster, local_s3, i
         ledger_rows(96, seed=5).to_parquet(f)
     train = run_job(ray_cluster, "jobs.train", [
         "--data", data, "--output", f"{bucket}/models/v1", "--base-model", tiny_backbone, "--num-workers", "1",
-        "--cpus-per-worker", "0.5", "--epochs", "1", "--max-steps", "2", "--set", "lora.r=8", "--set", "lora.alpha=16",
-        "--batch-size", "16"])
+        "--cpus-per-worker", "0.5", "--config", str(TINY_CONFIG), "--epochs", "1", "--max-steps", "2"])
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
 
     scanned: dict[str, int] = {}

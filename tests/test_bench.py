@@ -9,12 +9,14 @@ import sys
 
 import pytest
 
-from jobs import bench
+from jobs.bench.main import main as run_bench
+from jobs.bench.measure import interleaved, summarize
+from jobs.bench.scoring import nightly_ledger, per_run_and_per_row
 
 
 def test_scoring_dedup_and_coldstart_items_write_their_figures(tiny_artifact, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "seed,pipeline,predictor,padding,dedup,coldstart",
+    assert run_bench(["--smoke", "--model", tiny_artifact, "--items", "seed,pipeline,predictor,padding,dedup,coldstart",
                        "--ledger-nights", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     scoring = result["scoring"]
@@ -37,8 +39,8 @@ def test_scoring_dedup_and_coldstart_items_write_their_figures(tiny_artifact, tm
 def test_gpu_sweep_code_path_runs_on_cpu_without_ray(tmp_path):
     """The --device cuda code at a tiny size: the same function, and Ray is never imported."""
     out = tmp_path / "gpu.json"
-    code = ("import sys; from jobs import bench; "
-            f"rc = bench.main(['--items', 'gpu', '--gpu-size', 'tiny', '--smoke', '--out', {str(out)!r}]); "
+    code = ("import sys; from jobs.bench.main import main; "
+            f"rc = main(['--items', 'gpu', '--gpu-size', 'tiny', '--smoke', '--out', {str(out)!r}]); "
             "assert rc == 0; assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     gpu = json.loads(out.read_text())["gpu"]
@@ -53,21 +55,21 @@ def test_interleaved_rounds_rotate_the_order_and_time_every_variant():
     def variant(name, rows):
         return lambda: order.append(name) or rows
 
-    rates = bench.interleaved({"a": variant("a", 10), "b": variant("b", 20), "c": variant("c", 30)}, rounds=3)
+    rates = interleaved({"a": variant("a", 10), "b": variant("b", 20), "c": variant("c", 30)}, rounds=3)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]   # no variant always runs first
     assert {k: len(v) for k, v in rates.items()} == {"a": 3, "b": 3, "c": 3}
-    assert bench.summarize([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": 4}
+    assert summarize([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": 4}
 
 
 def test_unknown_item_names_the_flag_and_the_choices():
     with pytest.raises(SystemExit, match="--items warp: unknown; choose from seed"):
-        bench.main(["--items", "warp"])
+        run_bench(["--items", "warp"])
 
 
 @pytest.mark.integration
 def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train,calibration",
+    assert run_bench(["--smoke", "--model", tiny_artifact, "--items", "predictor,label,train,calibration",
                        "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     scoring = result["scoring"]
@@ -90,20 +92,20 @@ def test_label_and_train_items_run_on_local_ray(tiny_artifact, ray_cluster, tmp_
 def test_two_ledger_sizes_split_the_label_job_into_per_run_and_per_row_cost():
     # 100 rows in 10 s and 1,100 rows in 20 s: 1,000 extra rows in 10 extra s = 100 rows/s per
     # row, and 9 s of each run that no row explains.
-    split = bench.per_run_and_per_row(100, [10.0, 10.0], 1100, [55.0, 55.0], [200.0])
+    split = per_run_and_per_row(100, [10.0, 10.0], 1100, [55.0, 55.0], [200.0])
     assert split["per_row_rows_per_s"]["median"] == pytest.approx(100.0)
     assert split["per_run_seconds"]["median"] == pytest.approx(9.0)
     assert split["per_row_vs_predictor"] == pytest.approx(0.5)
     # a round where the large ledger was no slower separates nothing
-    assert bench.per_run_and_per_row(100, [10.0], 1100, [200.0], [200.0]) is None
-    assert bench.nightly_ledger(["Rent", "Gas"], 2) == ["Rent - Property 000", "Gas - Property 000",
+    assert per_run_and_per_row(100, [10.0], 1100, [200.0], [200.0]) is None
+    assert nightly_ledger(["Rent", "Gas"], 2) == ["Rent - Property 000", "Gas - Property 000",
                                                         "Rent - Property 001", "Gas - Property 001"]
 
 
 @pytest.mark.integration
 def test_scale_item_runs_the_label_job_as_its_own_process_and_measures_it(ray_cluster, tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--items", "scale", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    assert run_bench(["--smoke", "--items", "scale", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     scale = json.loads(out.read_text())["scale"]
     cached = scale["cache"]["500"]   # smoke size runs only the cache item
     # 2,000 rows, 10% distinct (200 texts); a cache of 500 entries holding half of them serves 100

@@ -1,0 +1,5 @@
+import sys
+
+from jobs.bench.main import main
+
+sys.exit(main())

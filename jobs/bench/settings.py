@@ -1,0 +1,82 @@
+"""jobs.bench's settings: every flag declared once (clf_core.settings), and the items."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from clf_core.settings import add_arguments, bound_problems, setting
+
+CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "coldstart", "train")
+# "gpu" is the --device cuda sweep; named as an item it runs on the CPU (with --gpu-size tiny) to
+# check its code path.
+# Opt-in items (minutes each, not in the default set): calibration trains the default backbone
+# on the packaged chart three times; scale runs jobs.label on millions of rows.
+ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale")
+
+
+@dataclass
+class BenchSettings:
+    out: str = setting("Where to write the JSON results.", default="runs/bench/bench.json")
+    workdir: str = setting("Where the tiny backbone, artifact and temporary files go (default: a temp dir).",
+                           default="")
+    model: str = setting("An existing artifact to score with (default: train a tiny nf4 Mistral on the "
+                         "packaged chart of accounts).", default="")
+    items: str = setting(f"Comma-separated items to run, from {','.join(ALL_ITEMS)}.", default=",".join(CPU_ITEMS))
+    rows: int = setting("Score only the first N real account rows (0 = all 1,129).", default=0)
+    text_column: str = setting("Column of the packaged chart of accounts to score.", default="full_path")
+    rounds: int = setting("Interleaved rounds per scoring variant (median, min, max over them).", at_least=1, default=5)
+    batch_size: int = setting("Our predictor's rows per forward pass (jobs.label's default is 64).", at_least=1, default=64)
+    label_scale: int = setting("The label item also runs on a ledger this many times larger (every line "
+                               "distinct), beside the predictor on the same rows: the job's per-run cost "
+                               "then shows apart from its per-row cost.", at_least=1, default=20)
+    pipeline_batch_sizes: str = setting("HF pipeline batch sizes tried; the best one is then timed.",
+                                        default="1,16,64")
+    ledger_nights: int = setting("Nights of synthetic ledger for the dedup item (more nights, more repeats).",
+                                 at_least=1, default=10)
+    train_rows: int = setting("Labeled rows for the Ray Train item (epoch = train + validation pass).", default=240)
+    train_rounds: int = setting("Interleaved rounds of the training item.", at_least=1, default=2)
+    coldstart_hidden: int = setting("Hidden size of the backbone for the cold-start item (0 = the scoring "
+                                    "backbone). Larger shows what quantizing on start costs.", default=1024)
+    smoke: bool = setting("Tiny sizes and one round: checks that every item runs (tests).", default=False)
+    device: str = setting("'cpu': the items above. 'cuda': the GPU throughput sweep of a full-size "
+                          "Mistral-7B (random weights, nf4 + LoRA).", default="cpu")
+    gpu_size: str = setting("'7b' (Mistral-7B-v0.1 architecture) or 'tiny' (same code path, seconds, any device).",
+                            default="7b")
+    gpu_batch_sizes: str = setting("Batch sizes of the GPU sweep.", default="64,128,256,512,1024")
+    gpu_dtypes: str = setting("Compute dtypes of the GPU sweep.", default="float16,bfloat16")
+    gpu_tokens: int = setting("Tokens per row in the GPU sweep (ledger lines are ~20).", at_least=1, default=20)
+    gpu_iters: int = setting("Timed forward passes per GPU configuration (after 2 warm-up passes).", at_least=1, default=10)
+    scale_rows: str = setting("Ledger sizes of the scale item, rows (about --scale-distinct of them distinct).",
+                              default="100000,1000000,4000000")
+    scale_partitions: int = setting("Daily partitions of each scale ledger.", at_least=1, default=30)
+    scale_distinct: float = setting("Share of distinct texts in the scale ledgers.", default=0.1)
+    scale_cache: str = setting("Label cache sizes (entries) the scale item compares on its smallest ledger.",
+                               default="20000,2000000")
+    scale_rounds: int = setting("Runs per size of the scale item (medians).", at_least=1, default=3)
+    calibration_seeds: str = setting("Split seeds of the calibration item (train/validation/test 65/10/25 of the "
+                                     "packaged chart, the default backbone and settings).", default="200,1,2")
+
+    def item_list(self) -> list[str]:
+        return [x.strip() for x in self.items.split(",") if x.strip()]
+
+    def validate(self) -> "BenchSettings":
+        problems = bound_problems(self)
+        unknown = [x for x in self.item_list() if x not in ALL_ITEMS]
+        if unknown:
+            problems.append(f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}")
+        if self.device not in ("cpu", "cuda"):
+            problems.append(f"--device {self.device!r}: use cpu or cuda")
+        if self.gpu_size not in ("7b", "tiny"):
+            problems.append(f"--gpu-size {self.gpu_size!r}: use 7b or tiny")
+        if not 0 < self.scale_distinct <= 1:
+            problems.append(f"--scale-distinct {self.scale_distinct}: must be within (0, 1]")
+        if problems:
+            raise SystemExit("error: " + "; ".join(problems))
+        return self
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser, BenchSettings)
+    return parser

@@ -602,8 +602,17 @@ def strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def job_parser(module: str) -> argparse.ArgumentParser:
+    """The job's own parser: `build_parser` of the module `python -m` runs, or for a package
+    (jobs.bench) of its settings module."""
+    job = importlib.import_module(module)
+    if not hasattr(job, "build_parser"):
+        job = importlib.import_module(module + ".settings")
+    return job.build_parser()
+
+
 def parse(source, module, argv):
-    parser = strict(importlib.import_module(module).build_parser())
+    parser = strict(job_parser(module))
     try:
         return parser.parse_args(argv)
     except SystemExit as e:

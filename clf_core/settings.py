@@ -52,10 +52,6 @@ def bound_problems(settings: Any) -> list[str]:
     return problems
 
 
-def help_of(cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
-
-
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 

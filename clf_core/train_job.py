@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from clf_core import storage
 from clf_core.config import ClassifierConfig
 from clf_core.data import LabelMap, Split, read_table, stratified_split
-from clf_core.errors import ConfigError, DataError
+from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
 from clf_core.settings import bound_problems, setting
 
@@ -240,8 +240,6 @@ def check_output(settings: TrainJobSettings) -> None:
 def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
     """The whole job on the driver: checks, split, Ray Train, then a summary of what was
     published. Returns the exit status: 0 published, 1 training failed, 2 bad input."""
-    from clf_core.errors import ClfError
-
     started = time.monotonic()
     try:
         settings.validate()

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
-        settings = from_args(TrainJobSettings, args).validate()
+        settings = from_args(TrainJobSettings, args)   # checked by run(), with the data, before Ray starts
         cfg = config_from_args(args)
     except ClfError as exc:
         log.error("%s", exc)

@@ -57,9 +57,24 @@ class LabelSettings:
     actor_start_timeout_s: float = setting("Seconds to wait for the first actors to load the model "
                                            "(-1 = no limit: 7B weights can take minutes).", default=-1)
     review_threshold: float = setting("Rows scored below this confidence, and rows that could not be scored, "
-                                      "get needs_review=true (the review queue: a query on the table). -1: the "
-                                      "threshold the model was published with (chosen on validation for a stated "
-                                      "goal; 0.9 for models made before that).", default=-1.0)
+                                      "get needs_review=true (the review queue: a query on the table), with "
+                                      "review_reason low_confidence. -1: the threshold the model was published with "
+                                      "(chosen on validation for a stated goal; 0.9 for models made before that). "
+                                      "0: none.", default=-1.0)
+    review_budget: float = setting("Also flag the least confident SHARE of each run's rows (review_reason budget), "
+                                   "whatever their confidence: a review team's capacity is a share of rows, and a "
+                                   "threshold chosen on validation flags another share on a new chart. Rows under "
+                                   "the threshold count towards it. 0: no budget.",
+                                   hint="e.g. 0.10", default=0.0)
+    audit_fraction: float = setting("Also flag a stable random sample of this share of texts (review_reason audit; "
+                                    "chosen by a hash of the text and the model version, so a re-run flags the "
+                                    "same rows). Reviewers' answers on it estimate the accuracy of the rows nobody "
+                                    "else is shown (python -m jobs.review stats).", default=0.01)
+    corrections: str = setting("The corrections table NAMESPACE.TABLE in --catalog (python -m jobs.review import "
+                               "fills it): rows whose text reviewers answered get that answer (label_source "
+                               "review) instead of being scored, and partitions labeled earlier that hold newly "
+                               "answered texts are rewritten. Empty: the table the output table's runs used "
+                               "before, if any.", default="")
     review_export: str = setting("Also write each labeled partition's needs_review rows to "
                                  "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
                                  "spreadsheet. Empty: no files.", default="")
@@ -88,6 +103,14 @@ class LabelSettings:
             problems.append(f"--partition-key {self.partition_key!r}: use a column-like name such as dt")
         if self.text_column in OUTPUT_COLUMNS:
             problems.append(f"--text-column {self.text_column!r} is a column labeling adds; name the input column")
+        for flag, share in (("--review-budget", self.review_budget), ("--audit-fraction", self.audit_fraction)):
+            if not 0.0 <= share < 1.0:
+                problems.append(f"{flag} {share}: a share of rows, at least 0 and below 1 (e.g. 0.10 for 10%)")
+        if self.corrections and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*", self.corrections):
+            problems.append(f"--corrections {self.corrections!r}: expected NAMESPACE.TABLE, e.g. ledgers.corrections")
+        if self.corrections and self.corrections == self.output_table:
+            problems.append(f"--corrections {self.corrections!r} is the output table; name the corrections table "
+                            f"jobs.review import writes, e.g. ledgers.corrections")
         if not (0.0 <= self.review_threshold <= 1.0 or self.review_threshold == -1.0):
             problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored "
                             f"rows), or -1 for the model's own")
@@ -105,12 +128,16 @@ def parse_date(flag: str, value: str) -> date:
         raise ConfigError(f"{flag} {value!r}: not a calendar date ({exc}); use YYYY-MM-DD") from exc
 
 
+# Models published before the review threshold was chosen on validation flag rows below this.
+LEGACY_REVIEW_THRESHOLD = 0.9
+
+
 def review_threshold(settings: LabelSettings, artifact=None) -> float:
     """--review-threshold, or the threshold the model (`artifact`, opened from --model if not
-    given) was published with (0.9 for older models)."""
+    given) was published with (LEGACY_REVIEW_THRESHOLD for older models)."""
     if settings.review_threshold >= 0:
         return settings.review_threshold
     from clf_core.artifact import open_artifact
 
     artifact = artifact or open_artifact(settings.model)
-    return float(artifact.manifest.get("review", {}).get("threshold", 0.9))
+    return float(artifact.manifest.get("review", {}).get("threshold", LEGACY_REVIEW_THRESHOLD))

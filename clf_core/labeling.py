@@ -1,16 +1,22 @@
 """Label planned ledger partitions into the Iceberg table with Ray Data (jobs.label, jobs.backfill).
 
-`run` is the whole flow, one stage per line:
+`label_job` runs a job from its settings: open the model (verified once, passed down), the table
+and the reviewers' answers, plan (clf_core.label_plan), then `run`, the whole flow, one stage per
+line:
 
   read      the planned Parquet files (clf_core.label_plan chose them)
-  distinct  each valid text once, run-wide (a shuffle: several actors would otherwise score the
-            same text in different batches)
+  distinct  each valid text once, run-wide, with its count of rows (a shuffle: several actors
+            would otherwise score the same text in different batches); texts reviewers answered
+            are left out, they are never scored
   look up   the distinct texts in the label cache (a hash join: no process holds the whole cache)
   score     the misses on TextScorer actors, which append them to the label cache
   label     every row from the run's own labels (left in Ray's object store by the steps above)
-            and write Parquet data files into the table's location
+            or the reviewers' answer, with its review flag and reason
+  correct   labeled partitions holding texts answered since: their rows from the table, answers
+            applied (no scoring)
+  write     Parquet data files into the table's location
   commit    each partition in its own Iceberg transaction, as soon as its files add up to its
-            input rows (clf_core.table)
+            rows (clf_core.table)
   compact   the label cache, when this model version has more than --cache-max-files files
 
 Each stage returns what it did; `run` adds it up into the Summary the job prints. The driver
@@ -20,6 +26,7 @@ not grow with rows (docs/performance.md has the measured figures).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,12 +39,12 @@ import pyarrow.compute as pc
 from clf_core import partitions as parts
 from clf_core import storage
 from clf_core.label_cache import LabelCache, lookup
-from clf_core.label_plan import Plan, describe_plan
+from clf_core.label_plan import Plan, Rewrite, describe_plan
 from clf_core.label_settings import LabelSettings, review_threshold
 from clf_core.logs import quiet_libraries
 from clf_core.progress import Progress
 from clf_core.runtime import failure_reason, footer_readers_for
-from clf_core.scoring import TEXT, ApplyLabels, TextScorer, distinct_valid_texts
+from clf_core.scoring import REVIEW_REASONS, ROWS, TEXT, ApplyCorrections, ApplyLabels, TextScorer, distinct_valid_texts
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 
 log = logging.getLogger(__name__)
@@ -45,39 +52,74 @@ log = logging.getLogger(__name__)
 
 # ---- the flow -----------------------------------------------------------------------------------
 
-def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None = None) -> Summary:
+def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label", tag: str | None = None,
+              artifact=None) -> "Summary | None":
+    """A label job from its settings (jobs.label; jobs.backfill with a date range, mode
+    "backfill" and a tag; the demo): validate, open the model once, the output table and the
+    reviewers' answers, plan, then show the plan and run it (see `execute`). Raises ClfError
+    (bad input, exit 2) or TableError (an unreadable table, exit 1) before any worker starts."""
+    from clf_core.artifact import open_artifact
+    from clf_core.corrections import CorrectionsTable
+    from clf_core.label_plan import plan
+
+    settings.validate()
+    artifact = artifact or open_artifact(settings.model)   # a bad --model fails here, not in an actor
+    table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
+    corrections_id = settings.corrections or table.corrections_identifier
+    if corrections_id and not settings.corrections:
+        log.info("applying reviewers' answers from %s (the corrections table of %s's earlier runs)", corrections_id,
+                 settings.output_table)
+    corrections = CorrectionsTable(settings.catalog, corrections_id) if corrections_id else None
+    pl = plan(settings, artifact.model_version, table, start, end, mode, corrections=corrections, artifact=artifact)
+    return execute(settings, pl, table, artifact.model_version, tag, artifact=artifact, corrections=corrections)
+
+
+def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None = None,
+        artifact=None, corrections=None) -> Summary:
     """Label the planned partitions. A failure is reported in the summary, never raised: a failed
     partition names its reason, and the others still commit."""
     from clf_core.artifact import open_artifact
 
     started = time.monotonic()
-    artifact = open_artifact(settings.model)   # verified once here; the actors verify their own copy
+    artifact = artifact or open_artifact(settings.model)   # verified once; the actors verify their own copy
     threshold = review_threshold(settings, artifact)
-    if not pl.todo:
-        return Summary.of(pl, threshold, seconds=time.monotonic() - started)
+    applied = Applied.of(corrections, pl)
+    if not pl.has_work:
+        applied.remember_search(table, pl, Outcomes())
+        return Summary.of(pl, threshold, seconds=time.monotonic() - started, audit=applied.estimate(model_version))
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
-    log.info("run %s: %d partition(s), %d rows, model %s -> table %s", run_id, len(pl.todo),
-             sum(p.rows for p in pl.todo), model_version, table.identifier)
+    log.info("run %s: %d partition(s) to label (%d rows), %d to bring up to date with reviewers' answers, model %s -> "
+             "table %s", run_id, len(pl.todo), sum(p.rows for p in pl.todo), len(pl.to_correct), model_version,
+             table.identifier)
     configure_ray_data(settings)
     try:
-        table.ensure(pl.schema, pl.key_is_date)   # created or widened before any worker writes
+        table.ensure(pl.schema or pa.schema([]), pl.key_is_date)   # created or widened before any worker writes
+        table.remember(model_version, artifact.labels, applied.identifier)
         if tag:
             table.tag_current(tag)
-        texts = distinct_texts(settings, pl.todo)
-        looked_up = look_up(texts, settings, model_version, artifact.labels)
-        scores = score_misses(looked_up, settings, run_id)
-        rows = label_rows(settings, pl, table, model_version, artifact.labels, scores.run_labels, threshold)
+        answers = applied.shared()
+        scores, labeled = Scores(), []
+        if pl.todo:
+            texts = distinct_texts(settings, pl.todo, answers)
+            looked_up = look_up(texts, settings, model_version, artifact.labels)
+            scores = score_misses(looked_up, settings, run_id)
+            labeled.append(label_rows(settings, pl, model_version, artifact.labels, scores.run_labels, threshold,
+                                      answers))
+        if pl.to_correct:
+            labeled.append(correct_rows(settings, pl, table, answers))
+        rows = write_files(labeled, table)
     except Exception as exc:  # nothing was committed yet: every planned partition failed
         outcomes = Outcomes.all_failed(pl, f"the labeling pipeline failed: {failure_reason(exc)}")
         return Summary.of(pl, threshold, run_id=run_id, outcomes=outcomes, seconds=time.monotonic() - started)
-    outcomes = commit_as_filled(rows, settings, pl, table, model_version, run_id)  # never raises
+    outcomes = commit_as_filled(rows, settings, pl, table, model_version, run_id, applied)  # never raises
+    applied.remember_search(table, pl, outcomes)
     compact_cache(settings, model_version, artifact.labels)
     return Summary.of(pl, threshold, run_id=run_id, scores=scores, outcomes=outcomes,
-                      seconds=time.monotonic() - started)
+                      seconds=time.monotonic() - started, audit=applied.estimate(model_version))
 
 
 def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str,
-            tag: str | None = None) -> Summary | None:
+            tag: str | None = None, artifact=None, corrections=None) -> Summary | None:
     """What jobs.label and jobs.backfill do once planned: show the plan, run it unless dry-run,
     print the summary. Returns the summary (None for a dry run); its exit_status is 0 when every
     planned partition was committed (or left to a concurrent run), 1 when any failed."""
@@ -86,10 +128,64 @@ def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_versio
     print(describe_plan(pl), flush=True)
     if settings.dry_run:
         return None
-    ensure_ray()
-    summary = run(settings, pl, table, model_version, tag)
+    if pl.has_work:
+        ensure_ray()
+    summary = run(settings, pl, table, model_version, tag, artifact=artifact, corrections=corrections)
     print(summary.report(), flush=True)
     return summary
+
+
+@dataclass
+class Applied:
+    """The reviewers' answers a run applies: which table, as of which snapshot."""
+    corrections: object = None          # clf_core.corrections.CorrectionsTable, or None
+    answers: object = None              # its Answers as of `snapshot_id`
+    snapshot_id: int | None = None
+
+    @classmethod
+    def of(cls, corrections, pl: Plan) -> "Applied":
+        if corrections is None:
+            return cls()
+        answers = pl.answers if pl.answers is not None else corrections.answers()
+        return cls(corrections, answers, answers.snapshot_id)
+
+    @property
+    def identifier(self) -> str:
+        return self.corrections.identifier if self.corrections is not None else ""
+
+    def shared(self):
+        """The answers as one object in Ray's object store (None: no answers)."""
+        if self.answers is None or not len(self.answers):
+            return None
+        import ray
+
+        return ray.put(self.answers)
+
+    def record(self, commit: PartitionCommit) -> PartitionCommit:
+        """A partition's commit record, saying which answers its rows hold."""
+        if self.corrections is None:
+            return commit
+        return dataclasses.replace(commit, corrections=self.identifier, corrections_snapshot=self.snapshot_id)
+
+    def remember_search(self, table: LabeledTable, pl: Plan, outcomes: "Outcomes") -> None:
+        """Once every labeled partition was searched and every rewrite committed, say so on the
+        table, so the next run searches only what is committed after this plan."""
+        if self.corrections is None or not len(self.answers) or not pl.searched_all or table.table is None:
+            return
+        if outcomes.failed or any(r.name in outcomes.left for r in pl.to_correct):
+            return
+        try:
+            table.set_corrections_watermark(self.identifier, self.snapshot_id, pl.table_snapshot)
+        except Exception as exc:  # only an optimisation: the next run searches again
+            log.warning("could not record that every partition holds the answers of %s (%s); the next run "
+                        "searches again", self.identifier, failure_reason(exc))
+
+    def estimate(self, model_version: str):
+        if self.corrections is None or self.corrections.table is None:
+            return None
+        from clf_core.corrections import audit_estimate
+
+        return audit_estimate(self.corrections.rows(self.snapshot_id), model_version)
 
 
 # ---- what the stages return ---------------------------------------------------------------------
@@ -108,26 +204,30 @@ class Scores:
 class Outcomes:
     """Pass 2: what became of each planned partition, and the labeled rows' counts."""
     committed: list[str] = field(default_factory=list)
+    corrected: list[str] = field(default_factory=list)     # rewritten with reviewers' answers only
     left: dict[str, str] = field(default_factory=dict)    # committed by a concurrent run instead
     failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
     error_rows: int = 0
     review_rows: int = 0
+    reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REVIEW_REASONS, 0))
+    reviewed_rows: int = 0             # rows labeled with a reviewer's answer
     expected_errors: float = 0.0
     commit_seconds: float = 0.0
 
     @classmethod
     def all_failed(cls, pl: Plan, why: str) -> "Outcomes":
         log.error(why)
-        return cls(failed={p.name: why for p in pl.todo})
+        return cls(failed={name: why for name in [p.name for p in pl.todo] + [r.name for r in pl.to_correct]})
 
     def done(self, name: str) -> bool:
-        return name in self.committed or name in self.left or name in self.failed
+        return name in self.committed or name in self.corrected or name in self.left or name in self.failed
 
 
 @dataclass
 class Summary:
     partitions_committed: list[str] = field(default_factory=list)
+    partitions_corrected: list[str] = field(default_factory=list)   # rewritten with reviewers' answers
     partitions_skipped: list[str] = field(default_factory=list)
     partitions_failed: dict[str, str] = field(default_factory=dict)
     partitions_left: dict[str, str] = field(default_factory=dict)  # committed by a concurrent run instead
@@ -135,6 +235,8 @@ class Summary:
     rows_out: int = 0
     error_rows: int = 0
     review_rows: int = 0
+    review_reasons: dict[str, int] = field(default_factory=dict)   # review_reason -> rows
+    reviewed_rows: int = 0             # rows labeled with a reviewer's answer
     expected_errors: float = 0.0       # sum of 1 - calibrated confidence over labeled rows not flagged
     review_threshold: float = -1.0
     distinct_texts: int = 0
@@ -143,18 +245,22 @@ class Summary:
     seconds: float = 0.0
     commit_seconds: float = 0.0        # driver time in partition commits (footers + Iceberg transaction)
     run_id: str = ""
+    audit: object = None               # clf_core.corrections.AuditEstimate, with --corrections
 
     @classmethod
     def of(cls, pl: Plan, threshold: float, run_id: str = "", scores: Scores | None = None,
-           outcomes: Outcomes | None = None, seconds: float = 0.0) -> "Summary":
+           outcomes: Outcomes | None = None, seconds: float = 0.0, audit=None) -> "Summary":
         scores, outcomes = scores or Scores(), outcomes or Outcomes()
-        return cls(partitions_committed=outcomes.committed, partitions_skipped=list(pl.skipped),
+        return cls(partitions_committed=outcomes.committed, partitions_corrected=outcomes.corrected,
+                   partitions_skipped=list(pl.skipped),
                    partitions_failed={**pl.failed, **outcomes.failed}, partitions_left=outcomes.left,
-                   rows_in=sum(p.rows for p in pl.todo), rows_out=outcomes.rows, error_rows=outcomes.error_rows,
-                   review_rows=outcomes.review_rows, expected_errors=outcomes.expected_errors,
+                   rows_in=sum(p.rows for p in pl.todo) + sum(r.rows for r in pl.to_correct), rows_out=outcomes.rows,
+                   error_rows=outcomes.error_rows, review_rows=outcomes.review_rows,
+                   review_reasons=dict(outcomes.reasons), reviewed_rows=outcomes.reviewed_rows,
+                   expected_errors=outcomes.expected_errors,
                    review_threshold=threshold, distinct_texts=scores.distinct_texts, scored=scores.scored,
                    cache_hits=scores.cache_hits, seconds=seconds, commit_seconds=outcomes.commit_seconds,
-                   run_id=run_id)
+                   run_id=run_id, audit=audit)
 
     @property
     def ok(self) -> bool:
@@ -165,12 +271,19 @@ class Summary:
         return 0 if self.ok else 1
 
     def report(self) -> str:
-        lines = [f"labeled {len(self.partitions_committed)} partition(s), skipped {len(self.partitions_skipped)}, "
+        why = ", ".join(f"{reason} {self.review_reasons[reason]}" for reason in REVIEW_REASONS
+                        if self.review_reasons.get(reason))
+        lines = [f"labeled {len(self.partitions_committed)} partition(s), "
+                 f"{f'answered {len(self.partitions_corrected)}, ' if self.partitions_corrected else ''}"
+                 f"skipped {len(self.partitions_skipped)}, "
                  f"left to another run {len(self.partitions_left)}, failed {len(self.partitions_failed)} | "
                  f"rows in {self.rows_in}, out {self.rows_out}, with error {self.error_rows}, to review "
-                 f"{self.review_rows} (threshold {self.review_threshold:.3f}; about {self.expected_errors:,.1f} "
-                 f"errors expected among the rest) | distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
+                 f"{self.review_rows}{f' ({why})' if why else ''} (threshold {self.review_threshold:.3f}; about "
+                 f"{self.expected_errors:,.1f} errors expected among the rest), reviewers' answers {self.reviewed_rows} "
+                 f"| distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
                  f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
+        if self.audit is not None:
+            lines.append("  " + self.audit.line())
         lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
         return "\n".join(lines)
@@ -187,18 +300,24 @@ def configure_ray_data(settings: LabelSettings) -> None:
     ctx.wait_for_min_actors_s = settings.actor_start_timeout_s  # 7B actors may take minutes to load
 
 
-def distinct_texts(settings: LabelSettings, todo: list[parts.Partition]):
-    """Every valid text of the planned files once (a Ray Dataset of one `text` column, held in the
-    object store: the shuffle is a barrier anyway, and holding it gives the count for an ETA)."""
+def distinct_texts(settings: LabelSettings, todo: list[parts.Partition], answers=None):
+    """Every valid text of the planned files once, with how many rows hold it (a Ray Dataset of
+    `text` and `rows`, held in the object store: the shuffle is a barrier anyway, and holding it
+    gives the count for an ETA). Texts with an answer for every row (unscoped) are left out."""
     import ray
 
+    answered = None
+    if answers is not None:
+        unscoped = set(ray.get(answers).unscoped)
+        answered = ray.put(unscoped) if unscoped else None
     files = [f for p in todo for f in p.files]
     with footer_readers_for(len(files)):
         texts = ray.data.read_parquet(files, columns=[settings.text_column], partitioning=None)
     return (texts.map_batches(distinct_valid_texts, batch_format="pyarrow", num_cpus=0.25,
-                              fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars})
-            .groupby(TEXT, num_partitions=settings.shuffle_partitions).count()
-            .select_columns([TEXT])).materialize()
+                              fn_kwargs={"text_column": settings.text_column, "max_chars": settings.max_text_chars,
+                                         "answered": answered})
+            .groupby(TEXT, num_partitions=settings.shuffle_partitions).sum(ROWS)
+            .rename_columns({f"sum({ROWS})": ROWS})).materialize()
 
 
 @dataclass
@@ -220,8 +339,8 @@ def look_up(texts, settings: LabelSettings, model_version: str, labels: list[str
 
 
 def unlabeled_texts(batch: pa.Table) -> pa.Table:
-    """The texts the cache had no label for."""
-    return batch.filter(pc.is_null(batch["label"])).select([TEXT])
+    """The texts the cache had no label for (with their row counts)."""
+    return batch.filter(pc.is_null(batch["label"])).select([TEXT, ROWS])
 
 
 def score_misses(looked_up: LookedUp, settings: LabelSettings, run_id: str) -> Scores:
@@ -261,10 +380,10 @@ def _actor_args(settings: LabelSettings) -> dict:
 
 # ---- pass 2: label -> commit --------------------------------------------------------------------
 
-def label_rows(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, labels: list[str],
-               run_labels: list, threshold: float):
-    """Every row of the planned files labeled from the run's labels and written as Parquet data
-    files in the table's location: a lazy Ray Dataset of one record per written file."""
+def label_rows(settings: LabelSettings, pl: Plan, model_version: str, labels: list[str], run_labels: list,
+               threshold: float, answers=None):
+    """Every row of the planned files labeled from the run's labels or the reviewers' answers,
+    flagged for review and why: a lazy Ray Dataset of the rows with the labeling columns."""
     import ray
     from ray.data.datasource import Partitioning
 
@@ -273,33 +392,61 @@ def label_rows(settings: LabelSettings, pl: Plan, table: LabeledTable, model_ver
     with footer_readers_for(len(files)):
         rows = ray.data.read_parquet(files, partitioning=Partitioning("hive", base_dir=input_root,
                                                                      field_names=[settings.partition_key]))
-    return (rows.map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
-                             compute=ray.data.ActorPoolStrategy(size=settings.actors),
-                             batch_size=None,  # a block as read: one data file per read block
-                             fn_constructor_kwargs={"cache": settings.cache, "model_version": model_version,
-                                                    "text_column": settings.text_column,
-                                                    "max_chars": settings.max_text_chars,
-                                                    "labeled_at": datetime.now(timezone.utc).isoformat(),
-                                                    "review_threshold": threshold,
-                                                    # cache entries naming another class are not used
-                                                    "labels": labels,
-                                                    # this run's labels only, never the whole cache
-                                                    "run_labels": run_labels})
-            .map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
-                         num_cpus=0.25))
+    return rows.map_batches(ApplyLabels, batch_format="pyarrow", num_cpus=0.25,
+                            compute=ray.data.ActorPoolStrategy(size=settings.actors),
+                            batch_size=None,  # a block as read: one data file per read block
+                            fn_constructor_kwargs={"cache": settings.cache, "model_version": model_version,
+                                                   "text_column": settings.text_column,
+                                                   "max_chars": settings.max_text_chars,
+                                                   "labeled_at": datetime.now(timezone.utc).isoformat(),
+                                                   "review_threshold": threshold,
+                                                   "review_budget": settings.review_budget,
+                                                   "audit_fraction": settings.audit_fraction,
+                                                   # cache entries naming another class are not used
+                                                   "labels": labels,
+                                                   # this run's labels only, never the whole cache
+                                                   "run_labels": run_labels,
+                                                   "answers": answers})
+
+
+def correct_rows(settings: LabelSettings, pl: Plan, table: LabeledTable, answers):
+    """The rows of the labeled partitions to bring up to date, read from the table's own data files
+    as of the planned snapshot, with the reviewers' answers applied (nothing is scored)."""
+    import ray
+    from pyiceberg.io.pyarrow import schema_to_pyarrow
+
+    target = schema_to_pyarrow(table.table.schema(), include_field_ids=False)
+    files = [f for r in pl.to_correct for f in r.files]
+    with footer_readers_for(len(files)):
+        # the table's schema: a file written before a column was added reads it as null
+        rows = ray.data.read_parquet(files, partitioning=None, schema=target)
+    return rows.map_batches(ApplyCorrections(answers, settings.text_column, target,
+                                             datetime.now(timezone.utc).isoformat()),
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+
+
+def write_files(labeled: list, table: LabeledTable):
+    """Pass 2's last stage: the labeled rows as Parquet data files in the table's location (a lazy
+    Ray Dataset of one record per written file)."""
+    rows = labeled[0].union(*labeled[1:]) if len(labeled) > 1 else labeled[0]
+    return rows.map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
+                            num_cpus=0.25)
 
 
 def commit_as_filled(written_files, settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str,
-                     run_id: str) -> Outcomes:
-    """Run pass 2, committing each partition as soon as its files add up to its input rows. If
-    the pipeline dies, the partitions committed so far stay committed and the rest fail."""
+                     run_id: str, applied: Applied | None = None) -> Outcomes:
+    """Run pass 2, committing each partition as soon as its files add up to its rows. If the
+    pipeline dies, the partitions committed so far stay committed and the rest fail."""
     outcomes = Outcomes()
-    by_name = {p.name: p for p in pl.todo}
+    applied = applied or Applied()
+    by_name: dict[str, parts.Partition | Rewrite] = {p.name: p for p in pl.todo}
+    by_name.update({r.name: r for r in pl.to_correct})
     written: dict[str, list[dict]] = {name: [] for name in by_name}
-    progress = Progress("pass 2, labeling", sum(p.rows for p in pl.todo), "rows", settings.progress_every_s)
+    progress = Progress("pass 2, labeling", sum(p.rows for p in by_name.values()), "rows", settings.progress_every_s)
 
     def partitions_done() -> str:
-        return f"{len(outcomes.committed) + len(outcomes.left)}/{len(pl.todo)} partitions committed"
+        done = len(outcomes.committed) + len(outcomes.corrected) + len(outcomes.left)
+        return f"{done}/{len(by_name)} partitions committed"
 
     try:
         for batch in written_files.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -309,7 +456,7 @@ def commit_as_filled(written_files, settings: LabelSettings, pl: Plan, table: La
                 progress.update(record["rows"], partitions_done())
                 got = sum(r["rows"] for r in written[name])
                 if got == by_name[name].rows:
-                    commit(settings, pl, table, by_name[name], written[name], model_version, run_id, outcomes)
+                    commit(settings, pl, table, by_name[name], written[name], model_version, run_id, outcomes, applied)
                     log.info("committed %s: %d rows | %s", name, got, partitions_done())
                 elif got > by_name[name].rows:  # never expected: Ray delivers each output block once
                     log.error("%s: %d rows written for %d input rows", name, got, by_name[name].rows)
@@ -323,28 +470,36 @@ def commit_as_filled(written_files, settings: LabelSettings, pl: Plan, table: La
     progress.close(partitions_done())
     for name, p in by_name.items():
         if p.rows == 0 and not outcomes.done(name):  # nothing to read: commit it as labeled, empty
-            commit(settings, pl, table, p, [], model_version, run_id, outcomes)
+            commit(settings, pl, table, p, [], model_version, run_id, outcomes, applied)
         if not outcomes.done(name):
             got = sum(r["rows"] for r in written[name])
             outcomes.failed[name] = f"wrote {got} of {p.rows} rows; not committed"
     return outcomes
 
 
-def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: parts.Partition, written: list[dict],
-           model_version: str, run_id: str, outcomes: Outcomes) -> None:
+def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: parts.Partition | Rewrite,
+           written: list[dict], model_version: str, run_id: str, outcomes: Outcomes,
+           applied: Applied | None = None) -> None:
     """Commit one partition (clf_core.table.commit_partition), then export its review rows; the
     partition's outcome is added to `outcomes`."""
     started = time.monotonic()
-    record = PartitionCommit(partition=partition.name, run_id=run_id, model_version=model_version,
-                             input_files=parts.input_files(partition), input_rows=partition.rows,
-                             snapshot_id=0, committed_at_ms=0)
-    inputs = parts.input_files(partition)
+    applied = applied or Applied()
+    rewrite = isinstance(partition, Rewrite)
+    if rewrite:  # the same labels of the same input, now holding the reviewers' answers
+        record = applied.record(dataclasses.replace(partition.record, run_id=run_id, snapshot_id=0, committed_at_ms=0))
+        inputs = tuple(map(tuple, partition.record.input_files))
+    else:
+        inputs = parts.input_files(partition)
+        record = applied.record(PartitionCommit(partition=partition.name, run_id=run_id, model_version=model_version,
+                                                input_files=inputs, input_rows=partition.rows,
+                                                snapshot_id=0, committed_at_ms=0))
 
     def still_mine(theirs: PartitionCommit) -> bool:
         # Another run committed this partition while this one labeled it. Replace its labels only
         # when both read the same input files and this is a backfill to another model version;
-        # otherwise keep theirs (if the inputs differ, the next run sees it and relabels).
-        return tuple(map(tuple, theirs.input_files)) == inputs and pl.mode == "backfill" \
+        # otherwise keep theirs (if the inputs differ, the next run sees it and relabels). A
+        # rewrite read the rows the other run replaced: it always leaves them.
+        return not rewrite and tuple(map(tuple, theirs.input_files)) == inputs and pl.mode == "backfill" \
             and theirs.model_version != model_version
 
     try:
@@ -363,10 +518,13 @@ def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: pa
         outcomes.left[partition.name] = (f"committed by run {landed.run_id} (model {landed.model_version}) "
                                          f"while this run was labeling it; its labels were kept")
         return
-    outcomes.committed.append(partition.name)
+    (outcomes.corrected if rewrite else outcomes.committed).append(partition.name)
     outcomes.rows += partition.rows
     outcomes.error_rows += sum(r["errors"] for r in written)
     outcomes.review_rows += sum(r["review"] for r in written)
+    for reason in REVIEW_REASONS:
+        outcomes.reasons[reason] += sum(r[f"review_{reason}"] for r in written)
+    outcomes.reviewed_rows += sum(r["reviewed"] for r in written)
     outcomes.expected_errors += sum(r["expected_errors"] for r in written)
     if settings.review_export:
         from clf_core.review import export_review

@@ -35,14 +35,14 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clf_core.errors import ClfError, ConfigError
-from clf_core.scoring import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from clf_core.scoring import FIRST_OUTPUT_COLUMNS, OUTPUT_SCHEMA, REVIEW_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ TABLE_PROPERTIES = {
 
 PREFIX = "clf."               # our keys in snapshot summaries and table properties
 EXPIRED_COMMITS = PREFIX + "expired-commits"   # records whose snapshots were expired (see expire)
+MODEL_LABELS = PREFIX + "model-labels"         # {model version: its labels}, for checking reviewers' answers
+CORRECTIONS_TABLE = PREFIX + "corrections-table"     # the corrections table its runs apply
+CORRECTIONS_APPLIED = PREFIX + "corrections-applied"  # see LabeledTable.corrections_watermark
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -104,10 +107,11 @@ def open_catalog(name: str):
         raise ConfigError(f"--catalog {name!r} cannot be opened: {type(exc).__name__}: {exc}") from exc
 
 
-def parse_identifier(value: str) -> tuple[str, str]:
+def parse_identifier(value: str, flag: str = "--output-table") -> tuple[str, str]:
     if not IDENTIFIER.match(value or ""):
-        raise ConfigError(f"--output-table {value!r}: expected NAMESPACE.TABLE with letters, digits and "
-                          f"underscores, e.g. ledgers.labeled_lines")
+        example = "ledgers.corrections" if flag == "--corrections" else "ledgers.labeled_lines"
+        raise ConfigError(f"{flag} {value!r}: expected NAMESPACE.TABLE with letters, digits and "
+                          f"underscores, e.g. {example}")
     namespace, name = value.split(".")
     return namespace, name
 
@@ -124,11 +128,17 @@ class PartitionCommit:
     input_rows: int
     snapshot_id: int
     committed_at_ms: int
+    corrections: str = ""                           # the corrections table its rows hold answers from
+    corrections_snapshot: int | None = None         # ... as of this snapshot of it (None: no answers yet)
 
     def summary(self) -> dict[str, str]:
-        return {PREFIX + "partition": self.partition, PREFIX + "run-id": self.run_id,
-                PREFIX + "model-version": self.model_version, PREFIX + "input-rows": str(self.input_rows),
-                PREFIX + "input-files": json.dumps([list(f) for f in self.input_files])}
+        props = {PREFIX + "partition": self.partition, PREFIX + "run-id": self.run_id,
+                 PREFIX + "model-version": self.model_version, PREFIX + "input-rows": str(self.input_rows),
+                 PREFIX + "input-files": json.dumps([list(f) for f in self.input_files])}
+        if self.corrections:
+            props[PREFIX + "corrections-table"] = self.corrections
+            props[PREFIX + "corrections-snapshot"] = "" if self.corrections_snapshot is None else str(self.corrections_snapshot)
+        return props
 
     @classmethod
     def from_summary(cls, props: dict, snapshot_id: int, timestamp_ms: int) -> "PartitionCommit | None":
@@ -139,7 +149,9 @@ class PartitionCommit:
                        model_version=props.get(PREFIX + "model-version", ""),
                        input_files=tuple(tuple(f) for f in json.loads(props.get(PREFIX + "input-files", "[]"))),
                        input_rows=int(props.get(PREFIX + "input-rows", "0")), snapshot_id=snapshot_id,
-                       committed_at_ms=timestamp_ms)
+                       committed_at_ms=timestamp_ms, corrections=props.get(PREFIX + "corrections-table", ""),
+                       corrections_snapshot=int(props[PREFIX + "corrections-snapshot"])
+                       if props.get(PREFIX + "corrections-snapshot") else None)
         except (ValueError, TypeError) as exc:
             log.warning("snapshot %s: unreadable labeling record (%s); its partition counts as unlabeled",
                         snapshot_id, exc)
@@ -199,7 +211,7 @@ class LabeledTable:
     def _check_layout(self) -> None:
         schema, spec = self.table.schema(), self.table.spec()
         names = {f.name for f in schema.fields}
-        missing = [c for c in OUTPUT_COLUMNS + (self.partition_key,) if c not in names]
+        missing = [c for c in FIRST_OUTPUT_COLUMNS + (self.partition_key,) if c not in names]
         sources = [schema.find_column_name(f.source_id) for f in spec.fields]
         if missing or sources != [self.partition_key]:
             raise ClfError(f"table {self.identifier} was not made by this labeling job: it lacks {missing} or is "
@@ -263,7 +275,10 @@ class LabeledTable:
             self._check_layout()
         for attempt in range(4):  # another run may widen the schema at the same moment: apply ours on top
             self.table.refresh()
-            arrow = to_iceberg_arrow(input_schema, frozenset(f.name for f in self.table.schema().fields))
+            known = frozenset(f.name for f in self.table.schema().fields)
+            # the input's new columns, and labeling columns added since an older table was made
+            arrow = pa.schema(list(to_iceberg_arrow(input_schema, known)) +
+                              [f for f in OUTPUT_SCHEMA if f.name not in known])
             before = self.table.schema()
             try:
                 with self.table.update_schema() as update:
@@ -284,6 +299,149 @@ class LabeledTable:
             return
         self.table.manage_snapshots().create_tag(head, tag).commit()
         log.info("tagged snapshot %s of %s as %s (the labels before this run)", head, self.identifier, tag)
+
+    # -- what the table remembers about its runs (table properties: they never expire) --
+
+    def _json_property(self, key: str, default):
+        try:
+            return json.loads(self.table.metadata.properties.get(key, "")) if self.table is not None else default
+        except ValueError:
+            return default
+
+    def model_labels(self) -> dict[str, list[str]]:
+        """{model version: its labels} of every model that labeled this table (since this was kept)."""
+        return self._json_property(MODEL_LABELS, {})
+
+    @property
+    def corrections_identifier(self) -> str:
+        """The corrections table this table's runs apply (empty: none yet)."""
+        return self.table.metadata.properties.get(CORRECTIONS_TABLE, "") if self.table is not None else ""
+
+    def remember(self, model_version: str, labels: list[str], corrections: str = "") -> None:
+        """Record the model's labels (an import of reviewers' answers checks them) and the
+        corrections table this run applies (a later run without --corrections applies it too, so
+        a reviewed label is never lost to a run that forgot the flag). One commit, if anything is new."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        for attempt in range(4):
+            self.table.refresh()
+            known = self.model_labels()
+            updates = {}
+            if known.get(model_version) != list(labels):
+                updates[MODEL_LABELS] = json.dumps({**known, model_version: list(labels)}, sort_keys=True)
+            if corrections and self.corrections_identifier != corrections:
+                updates[CORRECTIONS_TABLE] = corrections
+            if not updates:
+                return
+            try:
+                self.table.transaction().set_properties(updates).commit_transaction()
+                return
+            except CommitFailedException:
+                if attempt == 3:
+                    raise
+
+    def corrections_watermark(self) -> dict:
+        """{"table", "snapshot", "checked", "as-of"}: a run searched every partition whose record
+        is in the ancestry of table snapshot "checked" and brought each up to the answers of
+        corrections "table" as of its snapshot "snapshot"; its own commits end at table snapshot
+        "as-of". While "as-of" is in the table's ancestry (no rollback undid those commits), later
+        runs need not search those partitions again: a quiet night reads nothing. Empty: none."""
+        return self._json_property(CORRECTIONS_APPLIED, {})
+
+    def covered_by_watermark(self, corrections: str) -> tuple[set[int], int | None]:
+        """(snapshot ids whose records the watermark covers, the corrections snapshot it vouches for)."""
+        mark = self.corrections_watermark()
+        ancestry = self.ancestry()
+        if mark.get("table") != corrections or mark.get("as-of") not in ancestry or mark.get("checked") not in ancestry:
+            return set(), None
+        return set(self.ancestry(mark["checked"])), mark.get("snapshot")
+
+    def set_corrections_watermark(self, corrections: str, corrections_snapshot: int | None, checked: int | None) -> None:
+        self.table.refresh()
+        as_of = self.table.metadata.current_snapshot_id
+        if checked is None or as_of is None:
+            return
+        mark = self.corrections_watermark()
+        if (mark.get("table"), mark.get("snapshot")) == (corrections, corrections_snapshot) and mark.get("as-of") == as_of:
+            return   # nothing was committed since it was set: it says all there is to say
+        value = {"table": corrections, "snapshot": corrections_snapshot, "checked": checked, "as-of": as_of}
+        if self.corrections_watermark() != value:
+            self.table.transaction().set_properties({CORRECTIONS_APPLIED: json.dumps(value)}).commit_transaction()
+
+    def ancestry(self, snapshot_id: int | None = None) -> list[int]:
+        """Snapshot ids from `snapshot_id` (default: the current one) back to the first."""
+        meta = self.table.metadata
+        snapshot = meta.snapshot_by_id(snapshot_id if snapshot_id is not None else meta.current_snapshot_id or -1)
+        found = []
+        while snapshot is not None:
+            found.append(snapshot.snapshot_id)
+            snapshot = meta.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+        return found
+
+    def partition_files(self, snapshot_id: int | None = None) -> dict[str, "PartitionFiles"]:
+        """Per partition: the rows and data files the table holds as of a snapshot (default: the
+        current one), from its manifests alone (no data file is read)."""
+        if self.table is None or (snapshot_id or self.table.metadata.current_snapshot_id) is None:
+            return {}
+        found: dict[str, PartitionFiles] = {}
+        for task in self.table.scan(snapshot_id=snapshot_id).plan_files():
+            value = task.file.partition[0]
+            if self.key_is_date and isinstance(value, int):
+                value = date.fromordinal(date(1970, 1, 1).toordinal() + value).isoformat()
+            entry = found.setdefault(f"{self.partition_key}={value}", PartitionFiles())
+            entry.rows += task.file.record_count
+            entry.files.append(task.file.file_path)
+            entry.delete_files += len(task.delete_files)
+        return found
+
+    def rows_answered(self, answers, partitions: list[str], text_column: str) -> dict[str, int]:
+        """Per partition of `partitions`: how many of its rows hold a text (and scope) that
+        `answers` (clf_core.corrections.Answers) answer. Reads only the partition, text and scope
+        columns of those partitions' files."""
+        from pyiceberg.expressions import And, In
+
+        names = {f.name for f in self.table.schema().fields}
+        if not partitions or not len(answers) or text_column not in names:
+            return {}
+        scope_columns = [c for c in answers.scoped if c in names]
+        values = {n.split("=", 1)[1] for n in partitions}
+        literals = {date.fromisoformat(v) for v in values} if self.key_is_date else values
+        scan = self.table.scan(row_filter=And(In(self.partition_key, literals), In(text_column, answers.texts())),
+                               selected_fields=(self.partition_key, text_column, *scope_columns))
+        found: dict[str, int] = {}
+        for batch in scan.to_arrow_batch_reader():
+            keys, texts = batch.column(self.partition_key).to_pylist(), batch.column(text_column).to_pylist()
+            scopes = {c: batch.column(c).to_pylist() for c in scope_columns}
+            for i, (key, text) in enumerate(zip(keys, texts)):
+                if answers.label_for(text, {c: v[i] for c, v in scopes.items()}) is not None:
+                    name = f"{self.partition_key}={key.isoformat() if hasattr(key, 'isoformat') else key}"
+                    found[name] = found.get(name, 0) + 1
+        return found
+
+    def review_counts(self) -> dict[str, dict[str, int]]:
+        """Per model version: rows, flagged rows, flagged rows per review_reason, rows labeled by
+        reviewers (`reviewed`). Reads four small columns, a batch at a time."""
+        names = {f.name for f in self.table.schema().fields}
+        wanted = [c for c in ("model_version", "needs_review", "review_reason", "label_source") if c in names]
+        counts: dict[str, dict[str, int]] = {}
+        for batch in self.table.scan(selected_fields=tuple(wanted)).to_arrow_batch_reader():
+            table = pa.Table.from_batches([batch])
+            for column in ("review_reason", "label_source"):
+                if column not in table.column_names:
+                    table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
+            grouped = table.group_by(["model_version", "needs_review", "review_reason", "label_source"],
+                                     use_threads=False).aggregate([([], "count_all")])
+            for row in grouped.to_pylist():
+                c = counts.setdefault(row["model_version"] or "", {})
+                n = row["count_all"]
+                c["rows"] = c.get("rows", 0) + n
+                if row["needs_review"]:
+                    c["flagged"] = c.get("flagged", 0) + n
+                    if row["review_reason"]:
+                        c[row["review_reason"]] = c.get(row["review_reason"], 0) + n
+                if row["label_source"] == "review":
+                    c["reviewed"] = c.get("reviewed", 0) + n
+        return counts
 
     # -- records --
 
@@ -399,6 +557,13 @@ class LabeledTable:
         return files
 
 
+@dataclass
+class PartitionFiles:
+    rows: int = 0
+    files: list[str] = field(default_factory=list)
+    delete_files: int = 0          # row-level deletes another engine wrote (merge-on-read)
+
+
 def metadata_locations(catalog, identifier: str) -> tuple[str | None, str | None]:
     """(current, previous) metadata file of a table as the catalog records them, for messages;
     (None, None) where the catalog cannot say (only the SQL and Glue catalogs are asked)."""
@@ -481,11 +646,13 @@ class WriteDataFiles:
     """Pass 2's last stage: a batch of labeled rows -> Parquet data files in the table's location,
     one or more per partition, written with pyiceberg's writer (field ids, column statistics).
 
-    Returns one row per file (partition, path, rows, error rows, review rows): all the driver
-    receives. The files join the table only when the driver commits their partition."""
+    Returns one row per file (partition, path, rows, error rows, review rows and why, rows
+    labeled by reviewers): all the driver receives. The files join the table only when the
+    driver commits their partition."""
 
+    COUNTS = ("errors", "review", *(f"review_{r}" for r in REVIEW_REASONS), "reviewed")
     RECORD = pa.schema([("partition", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
-                        ("errors", pa.int64()), ("review", pa.int64()), ("expected_errors", pa.float64())])
+                        *((c, pa.int64()) for c in COUNTS), ("expected_errors", pa.float64())])
 
     def __init__(self, metadata_json: str, io_properties: dict, partition_key: str):
         self.metadata_json = metadata_json
@@ -520,16 +687,19 @@ class WriteDataFiles:
             column = pc.cast(rows.column(self.partition_key), pa.date32() if key_is_date else pa.string())
             rows = rows.set_column(rows.schema.get_field_index(self.partition_key), self.partition_key, column)
             rows = rows.cast(to_iceberg_arrow(rows.schema), safe=False)  # ns -> us drops only sub-us digits
-            errors = rows.num_rows - rows.column("error").null_count
-            review = pc.sum(rows.column("needs_review")).as_py() or 0
+            counts = {"errors": rows.num_rows - rows.column("error").null_count,
+                      "review": pc.sum(rows.column("needs_review")).as_py() or 0,
+                      "reviewed": pc.sum(pc.equal(rows.column("label_source"), "review")).as_py() or 0}
+            reasons = {d["values"]: d["counts"] for d in pc.value_counts(rows.column("review_reason")).to_pylist()}
+            counts.update({f"review_{r}": reasons.get(r, 0) for r in REVIEW_REASONS})
             # With calibrated confidences, 1 - confidence is a row's chance of being wrong: their
             # sum over the rows nobody will check is the number of errors expected among them.
             unchecked = pc.and_(pc.invert(pc.fill_null(rows.column("needs_review"), True)),
                                 pc.is_valid(rows.column("confidence")))
             expected = pc.sum(pc.subtract(1.0, pc.filter(rows.column("confidence"), unchecked))).as_py() or 0.0
             files = list(_dataframe_to_data_files(table_metadata=meta, df=rows, io=io, write_uuid=uuid.uuid4()))
-            for i, f in enumerate(files):  # errors/review counted on the first file of a split partition
+            for i, f in enumerate(files):  # counts go with the first file of a split partition
                 records.append({"partition": f"{self.partition_key}={value}", "path": f.file_path,
-                                "rows": f.record_count, "errors": errors if i == 0 else 0,
-                                "review": review if i == 0 else 0, "expected_errors": expected if i == 0 else 0.0})
+                                "rows": f.record_count, **{c: n if i == 0 else 0 for c, n in counts.items()},
+                                "expected_errors": expected if i == 0 else 0.0})
         return pa.Table.from_pylist(records, schema=self.RECORD)

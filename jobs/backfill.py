@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clf_core.artifact import open_artifact
 from clf_core.errors import ClfError, ConfigError
-from clf_core.table import LabeledTable, TableError
+from clf_core.table import TableError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +44,10 @@ def backfill_tag(start, end, model_version: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clf_core.artifact import open_artifact
-    from clf_core.label_plan import plan
     from clf_core.label_settings import LabelSettings, parse_date
-    from clf_core.labeling import execute
-    from clf_core.settings import from_args
+    from clf_core.labeling import label_job
     from clf_core.logs import setup_logging
+    from clf_core.settings import from_args
 
     setup_logging()
     try:
@@ -57,16 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         if start > end:
             raise ConfigError(f"--start {args.start} is after --end {args.end}; swap them")
         settings = from_args(LabelSettings, args).validate()
-        model_version = open_artifact(settings.model).model_version
-        table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
-        todo = plan(settings, model_version, table, start, end, mode="backfill")
+        artifact = open_artifact(settings.model)
+        summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
+                            artifact=artifact)
     except TableError as exc:  # the table exists but cannot be read: a run-time failure
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = execute(settings, todo, table, model_version, tag=backfill_tag(start, end, model_version))
     return summary.exit_status if summary else 0
 
 

@@ -177,17 +177,11 @@ def train(labeled: str, model: str, workdir: Path, smoke: bool) -> int:
 def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):
     """`python -m jobs.label --model ... --input ... --catalog demo --output-table ledgers.labeled_lines
     --cache ... --review-export ... --shuffle-partitions 4` (4 shuffle partitions suit 2 cores)."""
-    from clf_core.artifact import open_artifact
-    from clf_core.label_plan import plan
     from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import execute
-    from clf_core.table import LabeledTable
+    from clf_core.labeling import label_job
 
-    settings = LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,
-                             review_export=review, review_threshold=review_threshold, shuffle_partitions=4).validate()
-    version = open_artifact(model).model_version
-    table = LabeledTable(CATALOG, TABLE)
-    return execute(settings, plan(settings, version, table), table, version)
+    return label_job(LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,
+                                   review_export=review, review_threshold=review_threshold, shuffle_partitions=4))
 
 
 def snippet(workdir: Path) -> list[str]:

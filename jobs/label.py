@@ -17,6 +17,13 @@ relabels the rest too. Each partition is replaced in one Iceberg commit. Exit st
 planned partition committed (or a concurrent run committed it), 1 when any failed (each failure
 is named in the summary), 2 for bad arguments. Storage credentials and endpoints come from the
 standard AWS environment.
+
+Review: rows below the model's review threshold, the least confident `--review-budget` share of
+the run's rows, and a stable `--audit-fraction` sample get needs_review = true and a
+review_reason; `--review-export` writes them per partition as a CSV with an empty
+corrected_label column. `python -m jobs.review import` takes the filled-in file back into the
+`--corrections` table, whose answers the next run applies (label_source = review), to new rows
+and to partitions labeled earlier alike.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import logging
 import sys
 
 from clf_core.errors import ClfError
-from clf_core.table import LabeledTable, TableError
+from clf_core.table import TableError
 
 log = logging.getLogger("jobs.label")
 
@@ -42,26 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clf_core.artifact import open_artifact
-    from clf_core.label_plan import plan
     from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import execute
-    from clf_core.settings import from_args
+    from clf_core.labeling import label_job
     from clf_core.logs import setup_logging
+    from clf_core.settings import from_args
 
     setup_logging()
     try:
-        settings = from_args(LabelSettings, build_parser().parse_args(argv)).validate()
-        model_version = open_artifact(settings.model).model_version   # a bad --model fails here, not in an actor
-        table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
-        todo = plan(settings, model_version, table)
+        summary = label_job(from_args(LabelSettings, build_parser().parse_args(argv)))
     except TableError as exc:  # the table exists but cannot be read: a run-time failure
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ClfError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = execute(settings, todo, table, model_version)
     return summary.exit_status if summary else 0
 
 

@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 from clf_core import storage
 from support.fault_proxy import FaultProxy, Faults
 from clf_core.label_plan import plan
+from clf_core.scoring import OUTPUT_COLUMNS
 from clf_core.label_settings import LabelSettings
 from clf_core.scoring import check_text
 from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
@@ -271,8 +272,7 @@ def test_a_refused_commit_leaves_nothing_visible_and_a_later_commit_completes(lo
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # only s3fs's own 5 tries per call: fails in seconds
     labeled = LabeledTable(catalog, "faults.refused")
     rows = labeled_rows(["Rent", "Gas", "Water"], [1, 2, 3])
-    labeled.ensure(rows.drop_columns(["label", "confidence", "model_version", "labeled_at", "error", "needs_review"]).schema,
-                   key_is_date=True)
+    labeled.ensure(rows.drop_columns(list(OUTPUT_COLUMNS)).schema, key_is_date=True)
     written = WriteDataFiles(**labeled.writer_spec())(rows.append_column("dt", pa.array([DAYS[0]] * 3))).to_pylist()
     record = PartitionCommit(f"dt={DAYS[0]}", "run-1", "v1", (("in/a.parquet", 1, "e"),), 3, 0, 0)
     proxy.set_faults(write_error=1.0, path=r"/metadata/")

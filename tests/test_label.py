@@ -141,7 +141,9 @@ def labeled_rows(texts: list, ids: list[int]) -> pa.Table:
     return pa.table({"row_id": pa.array(ids, pa.int64()), "texts": pa.array(texts, pa.string()),
                      "label": ["Income"] * n, "confidence": [0.75] * n, "model_version": ["v1"] * n,
                      "labeled_at": pa.array([pd.Timestamp("2024-03-02", tz="UTC")] * n, pa.timestamp("us", tz="UTC")),
-                     "error": pa.nulls(n, pa.string()), "needs_review": [i % 2 == 0 for i in range(n)]})
+                     "error": pa.nulls(n, pa.string()), "needs_review": [i % 2 == 0 for i in range(n)],
+                     "review_reason": ["low_confidence" if i % 2 == 0 else None for i in range(n)],
+                     "label_source": ["model"] * n})
 
 
 # ---- units (no Ray) -------------------------------------------------------------------------------
@@ -339,7 +341,9 @@ def test_the_review_export_holds_the_flagged_rows_and_no_formula(iceberg_catalog
     target = str(tmp_path / "review" / f"dt={DAYS[0]}.csv")
     assert export_review(labeled.table.io, files, target) == 4
     csv = pd.read_csv(target, keep_default_na=False)
-    assert csv.columns.tolist() == ["row_id", "texts", "label", "confidence", "error", "dt"]
+    assert csv.columns.tolist() == ["row_id", "texts", "label", "corrected_label", "confidence", "model_version",
+                                    "error", "review_reason", "dt"]
+    assert csv["corrected_label"].eq("").all()  # for the reviewer to fill
     assert csv["row_id"].tolist() == [0, 2, 4, 6]
     assert csv["texts"].tolist() == ["'=HYPERLINK(\"http://x\",\"Rent\")", "'+1 Deposit", "'@SUM(A1)", "Plus: Fee"]
     assert not csv["texts"].str.match(r"^[=+\-@\t\r]").any()

@@ -687,10 +687,13 @@ class WriteDataFiles:
             column = pc.cast(rows.column(self.partition_key), pa.date32() if key_is_date else pa.string())
             rows = rows.set_column(rows.schema.get_field_index(self.partition_key), self.partition_key, column)
             rows = rows.cast(to_iceberg_arrow(rows.schema), safe=False)  # ns -> us drops only sub-us digits
+            names = rows.column_names
             counts = {"errors": rows.num_rows - rows.column("error").null_count,
                       "review": pc.sum(rows.column("needs_review")).as_py() or 0,
-                      "reviewed": pc.sum(pc.equal(rows.column("label_source"), "review")).as_py() or 0}
-            reasons = {d["values"]: d["counts"] for d in pc.value_counts(rows.column("review_reason")).to_pylist()}
+                      "reviewed": (pc.sum(pc.equal(rows.column("label_source"), "review")).as_py() or 0)
+                      if "label_source" in names else 0}
+            reasons = ({d["values"]: d["counts"] for d in pc.value_counts(rows.column("review_reason")).to_pylist()}
+                       if "review_reason" in names else {})
             counts.update({f"review_{r}": reasons.get(r, 0) for r in REVIEW_REASONS})
             # With calibrated confidences, 1 - confidence is a row's chance of being wrong: their
             # sum over the rows nobody will check is the number of errors expected among them.

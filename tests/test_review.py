@@ -483,3 +483,43 @@ def test_stats_give_counts_the_audit_estimate_and_the_fixes_per_model_version(ic
             "8 answers recorded") in out
     assert f"66.7% of the rows nobody checked are right (95% interval {100 * low:.1f}-{100 * high:.1f}%, 2 of 3" in out
     assert "fixed Income -> Expense: 3 text(s), e.g. 'Line 0', 'Line 2'" in out
+
+
+@pytest.mark.integration
+def test_a_table_made_before_the_review_columns_gains_them_and_its_old_files_take_answers(
+        ray_cluster, iceberg_catalog, table_name):
+    """A table (and data files) from before review_reason and label_source existed: the next run
+    adds the columns, and the rewrite reads the old files with them null, answers applied."""
+    from test_label import commit_rows, labeled_rows, read_labeled
+
+    from clf_core.label_plan import Plan, Rewrite
+    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling import correct_rows
+
+    old_rows = labeled_rows(["Rent", "Gas", "Water"], [1, 2, 3]).drop_columns(["review_reason", "label_source"])
+    import clf_core.table as table_module
+
+    first_columns = pa.schema([f for f in table_module.OUTPUT_SCHEMA if f.name in old_rows.column_names])
+    original = table_module.OUTPUT_SCHEMA
+    table_module.OUTPUT_SCHEMA = first_columns        # the job as it was: six labeling columns
+    try:
+        commit_rows(iceberg_catalog, table_name, "2024-03-01", old_rows)
+    finally:
+        table_module.OUTPUT_SCHEMA = original
+    labeled = LabeledTable(iceberg_catalog, table_name)
+    assert "label_source" not in {f.name for f in labeled.table.schema().fields}
+    labeled.ensure(pa.schema([("row_id", pa.int64()), ("texts", pa.string())]), key_is_date=True)
+    assert {"review_reason", "label_source"} <= {f.name for f in labeled.table.schema().fields}
+    before = read_labeled(iceberg_catalog, table_name)
+    assert before.label_source.isna().all() and len(before) == 3
+
+    files = labeled.partition_files()["dt=2024-03-01"]
+    record = labeled.commits()["dt=2024-03-01"]
+    answers = Answers("ns.c", 1, unscoped={"Gas": ("Income", 0)})
+    pl = Plan(todo=[], skipped=[], failed={}, to_correct=[Rewrite("dt=2024-03-01", "2024-03-01", files.files, 3, record, 1)])
+    settings = LabelSettings(text_column="texts")
+    rewritten = correct_rows(settings, pl, labeled, answers).to_pandas().sort_values("row_id")
+    assert rewritten.label.tolist() == ["Income", "Income", "Income"]
+    assert rewritten.label_source.tolist() == ["model", "review", "model"]       # old rows: the model's
+    assert rewritten.confidence.tolist() == [0.75, 1.0, 0.75] and not rewritten.needs_review.iloc[1]
+    assert list(rewritten.columns) == [f.name for f in labeled.table.schema().fields]

@@ -35,6 +35,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 SELECT_METRICS = ("val_macro_f1", "val_loss")
 REVIEW_GOALS = ("fraction", "target_error")
 POOLINGS = ("auto", "mean", "native")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -71,6 +72,16 @@ class ModelConfig:
         "mean of the real tokens' last hidden states (how sentence encoders such as all-MiniLM "
         "were trained; BERT-family encoders only); 'auto' = mean for BERT-family encoders, "
         "native otherwise. Artifacts record the resolved choice.",
+        default="auto",
+    )
+    compile: str = setting(
+        "Scoring only: run the forward pass through torch.compile (Inductor), with padded lengths "
+        "and batch sizes rounded up to a few buckets so a run compiles a bounded number of shapes. "
+        "'auto' = on CUDA GPUs, off on CPU (measured no faster there at the sizes tried, and each "
+        "compile costs seconds to minutes); 'on' / 'off' force it. Compiled graphs are cached on "
+        "the node (TORCHINDUCTOR_CACHE_DIR, default <CLF_CACHE_DIR>/torchinductor), so the next "
+        "actor on the node loads them instead of compiling. A scorer can override it per run "
+        "(Predictor.load(compile=...)), as it does model.device; training never compiles.",
         default="auto",
     )
 
@@ -226,6 +237,8 @@ class ClassifierConfig:
             bad("model.device", f"allowed: {', '.join(DEVICES)}")
         if m.pooling not in POOLINGS:
             bad("model.pooling", f"allowed: {', '.join(POOLINGS)}")
+        if m.compile not in COMPILE_MODES:
+            bad("model.compile", f"allowed: {', '.join(COMPILE_MODES)}")
         if m.max_tokens < 4:
             bad("model.max_tokens", "must be at least 4 (ledger lines are ~20-25 tokens)")
         if lo.r < 1:

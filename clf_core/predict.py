@@ -6,12 +6,22 @@ Right padding plus the attention mask means a row gets the same probabilities al
 batch (tested to 1e-4). The probabilities are calibrated: the logits are divided by the
 temperature the artifact was calibrated with (clf_core.calibration), so every scorer (this one,
 the label job's actors, the bench) gives a row the same calibrated confidence.
+
+For scoring, `Predictor.load` folds the LoRA adapters into 16-bit copies of the projections they
+adapt (clf_core.model.merge_lora_for_scoring: one matmul instead of three, scores within 1e-3)
+and, on a GPU, compiles the forward pass (model.compile). A compiled forward recompiles for
+every new input shape, so it pads a batch's length up to a few buckets (SHAPE_LENGTHS) and its
+row count up to a short list (batch_size, 1/2, 1/4, 1/8 of it): a run compiles at most
+len(lengths) x 4 shapes, counted in `Predictor.forward_stats`. The eager path pads to each
+batch's own longest row, as before.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +30,10 @@ import torch
 from clf_core.artifact import Artifact, open_artifact
 from clf_core.data import TokenStats, encode_batch, token_lengths
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model import (PREQUANTIZED_META, backbone_fingerprint, build_classifier, header_fingerprint, load_tokenizer,
-                            load_trainable_state, resolve_backbone, resolve_hardware)
+from clf_core.model import (PREQUANTIZED_META, Hardware, backbone_fingerprint, build_classifier, header_fingerprint,
+                            load_tokenizer, load_trainable_state, merge_lora_for_scoring, resolve_backbone,
+                            resolve_hardware)
+from clf_core.storage import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +49,81 @@ class Predictions:
         return len(self.labels)
 
 
+# Padded lengths of a compiled forward: steps of 8 tokens up to 32 (ledger lines are ~15-25
+# tokens, so most batches land on 16, 24 or 32), then coarser; the last bucket is max_tokens.
+SHAPE_LENGTHS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Row counts of a compiled forward, as fractions of the batch size: only a call's last batch is
+# short, and padding it up to the next of these wastes at most half of one batch per call.
+SHAPE_ROW_DIVISORS = (1, 2, 4, 8)
+
+
+def length_buckets(max_tokens: int) -> list[int]:
+    return sorted({n for n in SHAPE_LENGTHS if n < max_tokens} | {max_tokens})
+
+
+def row_buckets(batch_size: int) -> list[int]:
+    return sorted({max(1, batch_size // d) for d in SHAPE_ROW_DIVISORS})
+
+
+def bucket(n: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds n (buckets sorted ascending; n never exceeds the last)."""
+    return next(b for b in buckets if b >= n)
+
+
+def use_compile(setting: str, device: torch.device) -> bool:
+    """model.compile: 'auto' compiles on CUDA only (docs/performance.md, issue 27: at tiny size on
+    2 CPU cores the compiled forward was no faster and took ~30 s to compile)."""
+    if setting not in ("auto", "on", "off"):
+        raise ConfigError(f"compile = {setting!r}: allowed: auto, on, off")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def use_node_compile_cache() -> str:
+    """Keep Inductor's compiled graphs (and Triton's kernels, under the same folder) in the node's
+    cache folder beside the fetched backbones, instead of torch's default /tmp/torchinductor_<user>:
+    the next scoring actor on the node, or tomorrow's run, loads them instead of compiling again
+    (Inductor's FX graph and AOTAutograd caches are on by default; only their folder is chosen
+    here). A TORCHINDUCTOR_CACHE_DIR an operator set wins. Importing torch's Inductor (transformers
+    does) writes the default into the variable, so the default is what gets replaced."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+@dataclass
+class ForwardStats:
+    """What the scoring forward did: where its time went, and the shapes a compiled forward met."""
+    compiled: bool = False
+    merged_lora: int = 0              # projections with their adapter folded in (0: unmerged)
+    calls: int = 0                    # predict() calls
+    rows: int = 0
+    tokenize_s: float = 0.0           # token lengths + encoding of each batch
+    forward_s: float = 0.0            # model forward, softmax and the copy back (waits for the GPU)
+    total_s: float = 0.0              # whole predict() calls; the rest is sorting, padding, moving
+    shapes: dict = field(default_factory=dict)  # (rows, tokens) -> seconds of its first forward
+
+    @property
+    def recompiles(self) -> int:
+        """Distinct input shapes the compiled forward met: one compile each (0 when eager)."""
+        return len(self.shapes) if self.compiled else 0
+
+    @property
+    def warmup_s(self) -> float:
+        """Seconds of the first forward of each shape, compiles included (compiled only)."""
+        return sum(self.shapes.values()) if self.compiled else 0.0
+
+    @property
+    def rest_s(self) -> float:
+        return max(self.total_s - self.tokenize_s - self.forward_s, 0.0)
+
+
 class Predictor:
     def __init__(self, model, tokenizer, labels: list[str], max_tokens: int, device: torch.device,
-                 batch_size: int = 64, model_version: str = "unsaved", temperature: float = 1.0):
+                 batch_size: int = 64, model_version: str = "unsaved", temperature: float = 1.0,
+                 compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.label_names = list(labels)
@@ -49,13 +133,34 @@ class Predictor:
         self.model_version = model_version
         self.temperature = float(temperature)
         self.stats = TokenStats()
+        self.forward_stats = ForwardStats(compiled=compile)
+        self.forward = model
+        # The shapes a compiled forward pads to, and how many it can meet (one compile each).
+        self.lengths, self.rows = length_buckets(max_tokens), row_buckets(batch_size)
+        self.max_shapes = len(self.lengths) * len(self.rows)
+        if compile:
+            import torch._dynamo
+
+            # Past this many recompiles of one frame dynamo would silently fall back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.max_shapes)
+            from accelerate.utils import compile_regions
+
+            log.info("compiling the forward (Inductor cache %s) for at most %d shapes: lengths %s x rows %s",
+                     use_node_compile_cache(), self.max_shapes, self.lengths, self.rows)
+            # Regional compilation (accelerate's compile_regions, the recipe of torch's "regional
+            # compilation" tutorial): the repeated decoder layer is compiled once and its code reused
+            # by every layer, so a compile costs about one layer's, not 32 layers unrolled (8 layers
+            # on CPU: 47 s instead of 97 s). Static shapes: each bucket gets kernels of its own size.
+            self.forward = compile_regions(model, dynamic=False)
 
     @classmethod
     def load(cls, artifact: str | Artifact, device: str | None = None, batch_size: int = 64,
-             backbone: str | None = None) -> "Predictor":
+             backbone: str | None = None, compile: str | None = None, merge_lora: bool = True) -> "Predictor":
         """Load a verified artifact. `backbone` overrides where the base weights are read from
         (a node-local copy, or a pre-quantized copy the artifact approves); its content must still
-        be what the manifest names (backbone_for)."""
+        be what the manifest names (backbone_for). `compile` ('auto', 'on', 'off') overrides the
+        artifact's model.compile for this scorer, as `device` overrides model.device. `merge_lora`
+        False keeps the adapters apart (the bench measures what merging saves)."""
         art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         cfg = art.config()
         hw = resolve_hardware(cfg.model, device)
@@ -66,33 +171,90 @@ class Predictor:
             load_trainable_state(model, art.adapter_state())
         except ConfigError as exc:
             raise ArtifactError(f"{art.path / 'adapter.safetensors'} (model {art.model_version}): {exc}") from exc
-        log.info("loaded model %s on %s", art.model_version, hw.describe())
+        merged = prepare_for_scoring(model, hw, merge_lora)
+        compiled = use_compile(compile or cfg.model.compile, hw.device)
+        log.info("loaded model %s on %s (LoRA %s, forward %s)", art.model_version, hw.describe(),
+                 f"merged into {merged} projections" if merged else "unmerged", "compiled" if compiled else "eager")
         temperature = float(art.manifest.get("calibration", {}).get("temperature", 1.0))  # 1.0: made before calibration
-        return cls(model, tokenizer, art.labels, cfg.model.max_tokens, hw.device, batch_size, art.model_version,
-                   temperature)
+        predictor = cls(model, tokenizer, art.labels, cfg.model.max_tokens, hw.device, batch_size, art.model_version,
+                        temperature, compile=compiled)
+        predictor.forward_stats.merged_lora = merged
+        return predictor
 
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> Predictions:
+        started = time.perf_counter()
+        fs = self.forward_stats
         texts = list(texts)
         probabilities = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        if texts:
-            lengths = token_lengths(self.tokenizer, texts)
-            order = np.argsort(lengths, kind="stable")
-            for start in range(0, len(texts), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                batch, stats = encode_batch(self.tokenizer, [texts[i] for i in idx], self.max_tokens,
-                                            [lengths[i] for i in idx])
-                self.stats.add(stats)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                logits = self.model(**batch).logits.float()
-                probabilities[idx] = torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()
+        for idx, batch in self.batches(texts):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            shape = tuple(batch["input_ids"].shape)
+            forward = time.perf_counter()
+            logits = self.forward(**batch).logits[:len(idx)].float()
+            probabilities[idx] = torch.softmax(logits / self.temperature, dim=-1).cpu().numpy()
+            seconds = time.perf_counter() - forward
+            fs.forward_s += seconds
+            if shape not in fs.shapes:
+                fs.shapes[shape] = seconds
+                if fs.compiled:
+                    log.info("compiled the forward for %d rows x %d tokens in %.1fs (shape %d of at most %d)",
+                             *shape, seconds, len(fs.shapes), self.max_shapes)
         label_ids = probabilities.argmax(-1)
+        fs.calls += 1
+        fs.rows += len(texts)
+        fs.total_s += time.perf_counter() - started
         return Predictions(
             labels=[self.label_names[i] for i in label_ids],
             label_ids=label_ids,
             confidence=probabilities[np.arange(len(texts)), label_ids] if texts else np.zeros(0, np.float32),
             probabilities=probabilities,
         )
+
+    def batches(self, texts: list[str]):
+        """(row indices, tokenized batch) per forward pass, as `predict` runs them: texts sorted by
+        token length, cut into batches of batch_size, each padded to its longest row (compiled:
+        to buckets). Tokenizing time and token counts go to forward_stats and stats."""
+        if not texts:
+            return
+        started = time.perf_counter()
+        lengths = token_lengths(self.tokenizer, texts)
+        order = np.argsort(lengths, kind="stable")
+        self.forward_stats.tokenize_s += time.perf_counter() - started
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            started = time.perf_counter()
+            batch, stats = encode_batch(self.tokenizer, [texts[i] for i in idx], self.max_tokens,
+                                        [lengths[i] for i in idx])
+            self.forward_stats.tokenize_s += time.perf_counter() - started
+            if self.forward_stats.compiled:
+                batch, stats.padded_tokens = self.padded_to_buckets(batch)
+            self.stats.add(stats)
+            yield idx, batch
+
+    def padded_to_buckets(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """The batch padded on the right to a bucketed length (pad id, mask 0: every real token keeps
+        its position, and the head reads the last real token), then to a bucketed row count with
+        copies of its first row (their outputs are dropped). Returns it and the tokens it computes."""
+        rows, length = batch["input_ids"].shape
+        to_length, to_rows = bucket(length, self.lengths), bucket(rows, self.rows)
+        pads = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0}
+        out = {}
+        for key, value in batch.items():
+            value = torch.nn.functional.pad(value, (0, to_length - length), value=pads.get(key, 0))
+            out[key] = torch.cat([value, value[:1].expand(to_rows - rows, -1)]) if to_rows > rows else value
+        return out, to_rows * to_length
+
+
+def prepare_for_scoring(model, hw: Hardware, merge_lora: bool = True) -> int:
+    """A freshly loaded model made ready to score only (never to train): no KV cache, and the LoRA
+    adapters folded into their projections (clf_core.model.merge_lora_for_scoring) unless
+    `merge_lora` is False. Returns the number of projections merged."""
+    # Scoring never generates: without a KV cache each layer's keys and values are neither copied
+    # nor kept alive until the forward ends, and every decoder layer runs the same code (the cache
+    # update is what made each layer's compiled graph differ by its index).
+    model.get_base_model().config.use_cache = False
+    return merge_lora_for_scoring(model, hw) if merge_lora else 0
 
 
 def backbone_for(art: Artifact, override: str | None = None) -> str:

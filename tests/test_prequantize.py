@@ -43,8 +43,9 @@ def test_prequantized_base_scores_like_quantize_on_load(tiny_artifact, prequanti
     texts = ledger_rows(40, seed=21)["texts"].tolist()
     original = Predictor.load(tiny_artifact).predict(texts)
     loaded = Predictor.load(artifact, backbone=str(directory))
-    q_proj = loaded.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_state.quant_type == "nf4"
+    # o_proj: q/k/v hold 16-bit copies with the LoRA merged in for scoring (clf_core.model.merge_lora_for_scoring)
+    o_proj = loaded.model.base_model.model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, bnb.nn.Linear4bit) and o_proj.weight.quant_state.quant_type == "nf4"
     after = loaded.predict(texts)
     assert after.labels == original.labels
     np.testing.assert_allclose(after.probabilities, original.probabilities, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The whole system on one laptop: train -> nightly labeling into an Iceberg table -> a second night from the cache.
+"""The whole system on one laptop: train -> nightly labeling into an Iceberg table -> a night from the cache -> reviewers' answers applied.
 
 Run as (after `make setup`; `make demo` does both):
 
@@ -10,8 +10,10 @@ The embedded default: a local Ray cluster, a real S3 endpoint on loopback (moto_
 here unless AWS_ENDPOINT_URL already points somewhere), a real Iceberg catalog (pyiceberg's SQL
 catalog on a SQLite file under --workdir, its warehouse on that endpoint) and the small offline
 MiniLM backbone. The same jobs run unchanged on a real cluster against S3, the Glue catalog and
-Mistral-7B (README, "On a real cluster"). The demo ends by printing three lines that read the
-labeled table with pyiceberg; the local S3 endpoint stays up for them until `--stop` (or the next
+Mistral-7B (README, "On a real cluster"). A reviewer (simulated from the sample ledgers' own
+labels) answers the first night's review file; the answers are imported (python -m jobs.review
+import) and the next night applies them, to its rows and to the nights labeled before. The demo
+ends by printing three lines that read the labeled table with pyiceberg; the local S3 endpoint stays up for them until `--stop` (or the next
 demo, which replaces this one's state). The model's report and plots and the review CSVs are
 copied under --workdir (default runs/demo) so they can be opened.
 """
@@ -32,7 +34,9 @@ log = logging.getLogger("jobs.demo")
 
 BUCKET = "ledger-demo"
 FIRST_NIGHT = date(2026, 11, 1)
-CATALOG, TABLE = "demo", "ledgers.labeled_lines"
+CATALOG, TABLE, CORRECTIONS = "demo", "ledgers.labeled_lines", "ledgers.corrections"
+AUDIT_FRACTION = 0.05   # a larger sample than the default 1%: a demo's nights are small
+REVIEW_BUDGET = 0.10    # the least confident 10% of each run's rows go to review, whatever the threshold
 PID_FILE = "local-s3.pid"
 
 
@@ -125,23 +129,31 @@ def main(argv: list[str] | None = None) -> int:
         from clf_core.runtime import ensure_ray
 
         ensure_ray()
-        step("1/3 train the classifier (jobs.train)")
+        step("1/4 train the classifier (jobs.train)")
         if train(labeled, model, workdir, args.smoke) != 0:
             return 1
 
-        step(f"2/3 label {args.nights} nightly partitions into table {TABLE} (jobs.label)")
+        step(f"2/4 label {args.nights} nightly partitions into table {TABLE} (jobs.label)")
         first = label(model, ledgers, cache, review, args.review_threshold)
 
-        step("3/3 the next night: one new partition, scored from the label cache where possible")
+        step("3/4 the next night: one new partition, scored from the label cache where possible")
         write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights), 1, new_accounts=8, **size)
         second = label(model, ledgers, cache, review, args.review_threshold)
         if not (first and second and first.ok and second.ok):
             return 1
 
+        step(f"4/4 a reviewer answers night 1's review file (jobs.review import); the next night applies the answers")
+        answered = answer_like_a_reviewer(f"{review}/dt={FIRST_NIGHT.isoformat()}.csv", workdir / "reviewed.csv")
+        print(import_answers(workdir / "reviewed.csv"))
+        write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights + 1), 1, **size)
+        third = label(model, ledgers, cache, review, args.review_threshold)
+        if not (third and third.ok):
+            return 1
+
         local = workdir / "outputs"
         storage.download_dir(model, local / "model")
         storage.download_dir(review, local / "review")
-        summarize(local, workdir, first, second, time.monotonic() - started)
+        summarize(local, workdir, first, second, third, answered, time.monotonic() - started)
         ok = True
         return 0
     finally:
@@ -181,7 +193,51 @@ def label(model: str, ledgers: str, cache: str, review: str, review_threshold: f
     from clf_core.labeling import label_job
 
     return label_job(LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,
-                                   review_export=review, review_threshold=review_threshold, shuffle_partitions=4))
+                                   review_export=review, review_threshold=review_threshold, shuffle_partitions=4,
+                                   audit_fraction=AUDIT_FRACTION, review_budget=REVIEW_BUDGET,
+                                   corrections=CORRECTIONS))
+
+
+def answer_like_a_reviewer(export: str, target: Path) -> set[str]:
+    """A reviewer's pass over an exported review file, done with the sample ledgers' own labels
+    (source_label, known for their account lines): where it differs from the model's label they
+    write it in corrected_label, where it agrees they leave the cell empty (the model was right);
+    the Header/Total lines and bad rows they filter out of the sheet. Returns the corrected texts."""
+    import csv
+    import io
+
+    from clf_core import storage
+    from clf_core.review import unguard
+
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(export), newline="")))
+    checked = [row for row in rows if row.get("source_label")]
+    for row in checked:
+        row["corrected_label"] = row["source_label"] if row["source_label"] != row["label"] else ""
+    with open(target, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["texts", "label", "corrected_label"])
+        writer.writeheader()
+        writer.writerows(checked)
+    return {unguard(row["texts"]) for row in checked if row["corrected_label"]}
+
+
+def import_answers(path: Path) -> str:
+    """`python -m jobs.review import --catalog demo --corrections ledgers.corrections
+    --output-table ledgers.labeled_lines --file <path> --reviewer demo-reviewer`."""
+    from clf_core.review_commands import ImportSettings, import_review
+
+    return import_review(ImportSettings(catalog=CATALOG, corrections=CORRECTIONS, output_table=TABLE, file=str(path),
+                                        reviewer="demo-reviewer"))
+
+
+def rows_with_answers(corrected: set[str]) -> int:
+    """Rows of the table that now carry a reviewer's correction (a label the model had not given)."""
+    from pyiceberg.expressions import EqualTo
+
+    from clf_core.table import LabeledTable
+
+    rows = LabeledTable(CATALOG, TABLE).table.scan(row_filter=EqualTo("label_source", "review"),
+                                                   selected_fields=("texts",)).to_arrow()
+    return sum(1 for text in rows["texts"].to_pylist() if text in corrected)
 
 
 def snippet(workdir: Path) -> list[str]:
@@ -193,24 +249,34 @@ def snippet(workdir: Path) -> list[str]:
             f'{sys.executable} -c "{code}"']
 
 
-def summarize(local: Path, workdir: Path, first, second, seconds: float) -> None:
+def summarize(local: Path, workdir: Path, first, second, third, corrected: set[str], seconds: float) -> None:
     import json
 
     metrics = json.loads((local / "model" / "metrics.json").read_text())
     manifest = json.loads((local / "model" / "manifest.json").read_text())
     test = metrics["test"]
     reviews = sorted(local.glob("review/*.csv"))
-    rows = first.rows_out + second.rows_out
-    label_seconds = first.seconds + second.seconds
+    plots = sorted(p.name for p in (local / "model").glob("*.png"))
+    from clf_core.table import LabeledTable
+
+    table = LabeledTable(CATALOG, TABLE)
+    rows = sum(p.rows for p in table.partition_files().values())   # from the manifests
+    flagged = table.table.scan(row_filter="needs_review = true", selected_fields=("needs_review",)).to_arrow().num_rows
+    label_seconds = first.seconds + second.seconds + third.seconds
     print("\n=== summary")
     print(f"model {manifest['model_version']} ({manifest['backbone']['id']})")
     print(f"  held-out macro-F1 {test['macro_f1']:.3f}, accuracy {test['accuracy']:.3f} ({test['rows']} rows)")
     print(f"  report: {local / 'model' / 'report.md'}")
-    print(f"  plots:  {local / 'model' / 'confusion_matrix.png'}, {local / 'model' / 'curves.png'}")
+    print(f"  plots:  {local / 'model'}/{{{', '.join(plots)}}}")
     print(f"labeled table {TABLE} in catalog '{CATALOG}' ({workdir / 'catalog.db'}, warehouse s3://{BUCKET}/warehouse)")
     print(f"  {rows} rows labeled in {label_seconds:.1f}s ({rows / max(label_seconds, 1e-9):.0f} rows/s), "
-          f"{first.review_rows + second.review_rows} need review")
+          f"{flagged} need review")
     print(f"  night 2 scored {second.scored} new texts, {second.cache_hits} from the label cache")
+    print(f"  reviewers corrected {len(corrected)} text(s) of night 1; the next run rewrote "
+          f"{len(third.partitions_corrected)} earlier night(s) without scoring, and {rows_with_answers(corrected)} "
+          f"rows now carry the reviewers' labels")
+    if third.audit is not None:
+        print(f"  {third.audit.line()}")
     print(f"  review files ({len(reviews)}): {reviews[0].parent if reviews else '-'}/<partition>.csv")
     print(f"total {seconds:.0f}s")
     print("\n=== read the labeled table with pyiceberg (the local S3 endpoint stays up until "

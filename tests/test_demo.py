@@ -1,4 +1,4 @@
-"""The README's main command at smoke size: local S3 + local Ray + train + two nights of labeling."""
+"""The README's main command at smoke size: local S3 + local Ray + train + nights of labeling + a review."""
 
 from __future__ import annotations
 
@@ -49,7 +49,16 @@ def test_demo_smoke_runs_end_to_end_and_its_snippet_reads_every_row(tmp_path):
             assert (outputs / "model" / name).stat().st_size > 0
         assert (outputs / "model" / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         reviews = sorted(p.name for p in (outputs / "review").glob("*.csv"))
-        assert reviews == ["dt=2026-11-01.csv", "dt=2026-11-02.csv", "dt=2026-11-03.csv"]
+        assert reviews == ["dt=2026-11-01.csv", "dt=2026-11-02.csv", "dt=2026-11-03.csv", "dt=2026-11-04.csv"]
+        for plot in ("calibration", "confusion_matrix.png", "curves.png", "reliability.png", "risk_coverage.png"):
+            assert plot in out.split("plots:")[1].splitlines()[0] or plot == "calibration"
+        # the review night: answers imported, earlier nights rewritten, rows carrying them
+        corrected = re.search(r"reviewers corrected (\d+) text\(s\) of night 1; the next run rewrote (\d+) earlier "
+                              r"night\(s\) without scoring, and (\d+) rows now carry the reviewers' labels", out)
+        assert corrected and int(corrected.group(2)) >= 1, out[-3000:]   # answers reached the nights labeled before
+        assert int(corrected.group(3)) >= int(corrected.group(1))
+        assert re.search(r"imported .*reviewed.csv \(\d+ rows, UTF-8, comma-separated\): \d+ answers", out)
+        assert "audit estimate for model v" in out
         labeled_rows = int(re.search(r"^  (\d+) rows labeled in", out, re.M).group(1))
         night2 = re.search(r"night 2 scored (\d+) new texts, (\d+) from the label cache", out)
         assert night2 and int(night2.group(2)) > 0, "the second night took nothing from the cache"

@@ -36,17 +36,62 @@ def test_scoring_dedup_and_coldstart_items_write_their_figures(tiny_artifact, tm
     assert "(1) seed's way" in printed and "(3) clf_core Predictor" in printed and "-- targets" in printed
 
 
-def test_gpu_sweep_code_path_runs_on_cpu_without_ray(tmp_path):
-    """The --device cuda code at a tiny size: the same function, and Ray is never imported."""
+def test_gpu_item_code_path_runs_on_cpu_without_ray(tmp_path):
+    """The --device cuda code at a tiny size: the same function, and Ray is never imported. Dynamo
+    is off (TORCHDYNAMO_DISABLE) so the compiled variants run their code path without a minute of
+    CPU compiling; tests/test_scoring_forward.py compiles for real."""
+    import os
+
     out = tmp_path / "gpu.json"
     code = ("import sys; from jobs.bench.main import main; "
-            f"rc = main(['--items', 'gpu', '--gpu-size', 'tiny', '--smoke', '--out', {str(out)!r}]); "
+            f"rc = main(['--items', 'gpu,realpath', '--gpu-size', 'tiny', '--compile', 'on', '--smoke', "
+            f"'--workdir', {str(tmp_path / 'work')!r}, '--out', {str(out)!r}]); "
             "assert rc == 0; assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    printed = subprocess.run([sys.executable, "-c", code], check=True, timeout=300, capture_output=True, text=True,
+                             env={**os.environ, "TORCHDYNAMO_DISABLE": "1"}).stdout
     gpu = json.loads(out.read_text())["gpu"]
-    assert [r["batch_size"] for r in gpu["sweep"]] == [4, 8, 4, 8]
-    assert {r["dtype"] for r in gpu["sweep"]} == {"float16", "bfloat16"}
-    assert all(r["rows_per_s"] > 0 for r in gpu["sweep"]) and gpu["flops_per_token"] > 0
+    # ours as it was and as it scores now at both dtypes; the anchor (no LoRA, no project code) at bf16
+    runs = [(r["variant"], r["dtype"], r["batch_size"]) for r in gpu["sweep"]]
+    assert runs == [(v, d, bs) for d, variants in (("float16", ("ours before", "ours")),
+                                                   ("bfloat16", ("plain eager", "plain compiled", "ours before", "ours")))
+                    for v in variants for bs in (4, 8)]
+    assert all(r["rows_per_s"] > 0 and r["first_pass_s"] > 0 for r in gpu["sweep"]) and gpu["flops_per_token"] > 0
+    ratios = {(r["what"], r["dtype"], r["batch_size"]) for r in gpu["ratios"]}
+    assert {("ours / plain compiled", "bfloat16", 8), ("ours float16 / ours bfloat16", "float16", 8)} <= ratios
+    assert set(gpu["profiles"]) == {f"{v} {d}" for d, vs in (("float16", ("ours before", "ours")),
+                                                              ("bfloat16", ("plain eager", "plain compiled", "ours before",
+                                                                            "ours"))) for v in vs}
+    assert all(0 < op["share"] <= 1 for ops in gpu["profiles"].values() for op in ops)
+    # the real scoring path ran on the same (compiled, merged) model at bf16, its time split
+    realpath = gpu["realpath"]
+    assert realpath["rows"] == 300 and realpath["compiled"] and realpath["merged_lora"] == 6
+    assert realpath["rows_per_s"] > 0 and realpath["ratio_to_forward_only"] > 0 and realpath["ratio_to_sweep"] > 0
+    assert set(realpath["split_s"]) == {"tokenize", "forward", "rest"} and realpath["split_s"]["forward"] > 0
+    assert "top ops, ours bfloat16:" in printed and "time split: tokenize" in printed
+
+
+def test_realpath_item_splits_the_predictors_time_on_cpu(tiny_artifact, tmp_path):
+    out = tmp_path / "bench.json"
+    assert run_bench(["--smoke", "--model", tiny_artifact, "--items", "realpath", "--out", str(out)]) == 0
+    realpath = json.loads(out.read_text())["realpath"]
+    # the CPU default: LoRA merged, eager; 300 distinct lines in calls of 128
+    assert (realpath["rows"], realpath["rows_per_call"], realpath["compiled"], realpath["merged_lora"]) == (300, 128, False, 6)
+    split = realpath["split_s"]
+    assert split["tokenize"] > 0 and split["forward"] > 0
+    assert sum(split.values()) == pytest.approx(realpath["total_s"], rel=0.05)
+    assert 0 < realpath["padding_efficiency"] <= 1 and realpath["mean_tokens"] > 5
+
+
+def test_compile_item_compares_before_eager_and_compiled_on_cpu(tiny_artifact, tmp_path, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)   # the code path, not a minute of compiling
+    out = tmp_path / "bench.json"
+    assert run_bench(["--smoke", "--model", tiny_artifact, "--items", "compile", "--out", str(out)]) == 0
+    c = json.loads(out.read_text())["compile"]
+    assert set(c["rates"]) == {"before", "eager", "compiled"} and c["ratios"]["before"] == 1.0
+    assert c["merged_lora"] == 6 and c["max_shapes"] == 24 and c["recompiles"] >= 1
+    assert max(c["max_abs_diff"].values()) < 1e-4
 
 
 def test_interleaved_rounds_rotate_the_order_and_time_every_variant():

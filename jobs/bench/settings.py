@@ -11,8 +11,10 @@ CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "cold
 # "gpu" is the --device cuda sweep; named as an item it runs on the CPU (with --gpu-size tiny) to
 # check its code path.
 # Opt-in items (minutes each, not in the default set): calibration trains the default backbone
-# on the packaged chart three times; scale runs jobs.label on millions of rows.
-ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale")
+# on the packaged chart three times; scale runs jobs.label on millions of rows; compile compares
+# the compiled and eager forward on the CPU (a minute of compiling); realpath times Predictor on
+# --realpath-rows ledger lines (on the GPU model when the gpu item runs, else on the CPU artifact).
+ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale", "compile", "realpath")
 
 
 @dataclass
@@ -47,6 +49,16 @@ class BenchSettings:
     gpu_dtypes: str = setting("Compute dtypes of the GPU sweep.", default="float16,bfloat16")
     gpu_tokens: int = setting("Tokens per row in the GPU sweep (ledger lines are ~20).", at_least=1, default=20)
     gpu_iters: int = setting("Timed forward passes per GPU configuration (after 2 warm-up passes).", at_least=1, default=10)
+    gpu_anchor_dtypes: str = setting("Compute dtypes at which the GPU item also times the anchor: plain transformers + "
+                                     "bitsandbytes nf4 (no LoRA, no project code), eager and torch.compile'd. Empty: "
+                                     "none.", default="bfloat16")
+    compile: str = setting("model.compile of our predictor in the gpu and realpath items: auto (on CUDA), on, off.",
+                           default="auto")
+    realpath_rows: int = setting("Distinct ledger lines of the realpath item (the packaged chart, one line per "
+                                 "property, shuffled).", at_least=1, default=200_000)
+    realpath_rows_per_call: int = setting("Texts per Predictor.predict call in the realpath item, as jobs.label's "
+                                          "actors get them (--rows-per-call).", at_least=1, default=1024)
+    realpath_dtype: str = setting("Compute dtype at which the GPU item runs the realpath item.", default="bfloat16")
     scale_rows: str = setting("Ledger sizes of the scale item, rows (about --scale-distinct of them distinct).",
                               default="100000,1000000,4000000")
     scale_partitions: int = setting("Daily partitions of each scale ledger.", at_least=1, default=30)
@@ -67,6 +79,8 @@ class BenchSettings:
             problems.append(f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}")
         if self.device not in ("cpu", "cuda"):
             problems.append(f"--device {self.device!r}: use cpu or cuda")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"--compile {self.compile!r}: use auto, on or off")
         if self.gpu_size not in ("7b", "tiny"):
             problems.append(f"--gpu-size {self.gpu_size!r}: use 7b or tiny")
         if not 0 < self.scale_distinct <= 1:

@@ -1,7 +1,9 @@
-"""The library's one code path on a CUDA GPU: nf4 + LoRA training, calibration and scoring.
+"""The library's one code path on a CUDA GPU: nf4 + LoRA training, calibration and scoring, the
+scoring forward compiled with its LoRA merged (issue 27).
 
 Skipped without a GPU (CI has none). Run on a GPU machine with `python -m pytest -m gpu`;
-docs/performance.md says how it was run on a lent H200 (bitsandbytes carried as a wheel).
+docs/performance.md says how it was run on a lent H200 (bitsandbytes carried as a wheel), and
+`bash jobs/bench/gpu_session.sh` runs it with the rest of the GPU checks.
 """
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 
 from clf_core.config import ClassifierConfig
 from clf_core.data import stratified_split
-from clf_core.predict import Predictor
+from clf_core.predict import Predictor, length_buckets, row_buckets
 from clf_core.recipe import train_classifier
 from conftest import ledger_rows
 from jobs.support.tiny import tiny_config
@@ -48,3 +50,23 @@ def test_a_model_trained_on_the_gpu_scores_the_same_on_a_cpu(tiny_backbone, tmp_
     on_cpu = Predictor.load(str(tmp_path / "model"), device="cpu").predict(texts)
     assert np.mean(np.array(on_gpu.labels) == np.array(on_cpu.labels)) >= 0.97
     assert np.abs(on_gpu.probabilities - on_cpu.probabilities).max() <= 0.05
+
+
+def test_compiled_forward_with_lora_merged_scores_as_the_unmerged_eager_model(tiny_artifact):
+    """What a scoring actor runs on a GPU by default (model.compile auto): the LoRA folded into
+    16-bit q/k/v, the forward compiled for bucketed shapes; scores within 1e-3 of the unmerged
+    eager model, in the GPU's own compute dtype (bf16 on sm_80+, fp16 on a T4)."""
+    texts = ledger_rows(300, seed=5)["texts"].tolist() + ["Operating Expenses " * 40]  # one past max_tokens
+    eager = Predictor.load(tiny_artifact, device="cuda", compile="off", merge_lora=False)
+    scorer = Predictor.load(tiny_artifact, device="cuda")
+    fs = scorer.forward_stats
+    assert fs.compiled and fs.merged_lora == 6 and not eager.forward_stats.compiled
+    np.testing.assert_allclose(scorer.predict(texts).probabilities, eager.predict(texts).probabilities, atol=1e-3)
+    assert set(fs.shapes) <= {(r, n) for r in row_buckets(64) for n in length_buckets(64)}
+    assert 1 <= fs.recompiles <= scorer.max_shapes and fs.warmup_s > 0
+    shapes = dict(fs.shapes)
+    scorer.predict(texts[::-1])   # the same shapes again: no compile
+    assert fs.shapes == shapes
+    # a row alone is padded to the smallest row bucket and still scores as in a batch
+    alone = scorer.predict(texts[:1]).probabilities[0]
+    np.testing.assert_allclose(alone, scorer.predict(texts).probabilities[0], atol=5e-3)

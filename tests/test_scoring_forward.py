@@ -13,8 +13,8 @@ from clf_core.errors import ConfigError
 from clf_core.predict import Predictor, bucket, length_buckets, row_buckets, use_compile
 from conftest import ledger_rows
 
-# Lines of many lengths (3 to 30 tokens with the tiny tokenizer) and one past max_tokens (64).
-TEXTS = ledger_rows(45, seed=3)["texts"].tolist() + ["Rent", "Operating Expenses " * 12]
+# Lines of many lengths (2 to 29 tokens with the tiny tokenizer) and one past max_tokens (83 > 64).
+TEXTS = ledger_rows(45, seed=3)["texts"].tolist() + ["Rent", "Operating Expenses " * 40]
 
 
 def test_lora_merged_into_its_projections_scores_as_the_unmerged_model(tiny_artifact):

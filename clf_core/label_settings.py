@@ -16,7 +16,9 @@ from clf_core.table import DATE
 
 @dataclass
 class LabelSettings:
-    model: str = setting("Model artifact published by jobs.train: a local folder or s3:// URI.", default="")
+    model: str = setting("The model: REGISTRY/NAME@ALIAS (e.g. s3://models/income-expense@champion, the version "
+                         "jobs.promote put there, resolved once at start), or an artifact's folder or s3:// URI.",
+                         default="")
     input: str = setting("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="")
     catalog: str = setting("The pyiceberg catalog holding the output table, configured the pyiceberg way "
                            "(.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables).", default="")

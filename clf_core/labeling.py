@@ -62,8 +62,13 @@ def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label"
     from clf_core.corrections import CorrectionsTable
     from clf_core.label_plan import plan
 
+    from clf_core.registry import resolve_model
+
     settings.validate()
-    artifact = artifact or open_artifact(settings.model)   # a bad --model fails here, not in an actor
+    if artifact is None:
+        # REGISTRY/NAME@champion is read once, here: a promotion during the run changes nothing for it
+        settings = dataclasses.replace(settings, model=resolve_model(settings.model).uri)
+        artifact = open_artifact(settings.model)   # a bad --model fails here, not in an actor
     table = LabeledTable(settings.catalog, settings.output_table, settings.partition_key)
     corrections_id = settings.corrections or table.corrections_identifier
     if corrections_id and not settings.corrections:
@@ -113,9 +118,30 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
         return Summary.of(pl, threshold, run_id=run_id, outcomes=outcomes, seconds=time.monotonic() - started)
     outcomes = commit_as_filled(rows, settings, pl, table, model_version, run_id, applied)  # never raises
     applied.remember_search(table, pl, outcomes)
+    report = report_backfill(settings, pl, table, model_version, tag, outcomes)
     compact_cache(settings, model_version, artifact.labels)
     return Summary.of(pl, threshold, run_id=run_id, scores=scores, outcomes=outcomes,
-                      seconds=time.monotonic() - started, audit=applied.estimate(model_version))
+                      seconds=time.monotonic() - started, audit=applied.estimate(model_version), report=report)
+
+
+def report_backfill(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None,
+                    outcomes: "Outcomes") -> list[str]:
+    """A backfill that replaced another model's labels: what changed (clf_core.backfill_report),
+    published beside the table; a failure here only warns (the labels are committed)."""
+    replaced = [name for name in outcomes.committed
+                if name in pl.planned_on and pl.planned_on[name].model_version != model_version]
+    if pl.mode != "backfill" or not tag or not replaced:
+        return []
+    from clf_core.backfill_report import backfill_diff, publish_report
+
+    try:
+        diff = backfill_diff(table, tag, replaced, settings.text_column)
+        if diff is None:
+            return []
+        return [*diff.summary_lines(), f"  report: {publish_report(table, diff)}"]
+    except Exception as exc:
+        log.warning("the backfill's labels are committed, but its diff report failed: %s", failure_reason(exc))
+        return [f"backfill report: not written ({failure_reason(exc)})"]
 
 
 def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str,
@@ -246,10 +272,11 @@ class Summary:
     commit_seconds: float = 0.0        # driver time in partition commits (footers + Iceberg transaction)
     run_id: str = ""
     audit: object = None               # clf_core.corrections.AuditEstimate, with --corrections
+    backfill_report: list[str] = field(default_factory=list)   # what a backfill changed, in a few lines
 
     @classmethod
     def of(cls, pl: Plan, threshold: float, run_id: str = "", scores: Scores | None = None,
-           outcomes: Outcomes | None = None, seconds: float = 0.0, audit=None) -> "Summary":
+           outcomes: Outcomes | None = None, seconds: float = 0.0, audit=None, report=None) -> "Summary":
         scores, outcomes = scores or Scores(), outcomes or Outcomes()
         return cls(partitions_committed=outcomes.committed, partitions_corrected=outcomes.corrected,
                    partitions_skipped=list(pl.skipped),
@@ -260,7 +287,7 @@ class Summary:
                    expected_errors=outcomes.expected_errors,
                    review_threshold=threshold, distinct_texts=scores.distinct_texts, scored=scores.scored,
                    cache_hits=scores.cache_hits, seconds=seconds, commit_seconds=outcomes.commit_seconds,
-                   run_id=run_id, audit=audit)
+                   run_id=run_id, audit=audit, backfill_report=list(report or []))
 
     @property
     def ok(self) -> bool:
@@ -284,6 +311,7 @@ class Summary:
                  f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
         if self.audit is not None:
             lines.append("  " + self.audit.line())
+        lines += ["  " + line for line in self.backfill_report]
         lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
         lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
         return "\n".join(lines)

@@ -103,7 +103,8 @@ class TrainRun:
         return ({**result.metrics, "loss": result.loss},
                 calibration.evaluate(result.logits, result.labels, self.calibration or self.calibrate()))
 
-    def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None) -> dict:
+    def save(self, directory: str | Path, metrics: dict | None = None, extra_files: dict[str, bytes] | None = None,
+             extra_manifest: dict | None = None) -> dict:
         p = self.prepared
         notes = {"parameters": describe_parameters(p.model), "tokens": self.token_report,
                  "history": self.trainer.state.history, "best_epoch": self.trainer.state.best_epoch}
@@ -112,7 +113,8 @@ class TrainRun:
         cfg.model.pooling = resolve_pooling(cfg.model.pooling, p.model.config.model_type)
         return save_artifact(directory, adapter_state=trainable_state(p.model), tokenizer=p.tokenizer, cfg=cfg,
                              backbone=p.backbone, metrics=metrics, extra_files=extra_files, notes=notes,
-                             extra_manifest=(self.calibration or self.calibrate()).manifest_entries())
+                             extra_manifest={**(self.calibration or self.calibrate()).manifest_entries(),
+                                             **(extra_manifest or {})})
 
 
 def train_classifier(cfg: ClassifierConfig, split: Split, device: str | None = None,

@@ -154,6 +154,19 @@ def calibration_lines(c: dict) -> list[str]:
     ]
 
 
+def corrections_lines(c: dict | None) -> list[str]:
+    """What reviewers' answers contributed to the training data, and the accuracy on the answered
+    texts that were held out for the test split."""
+    if not c:
+        return []
+    held = c.get("held_out_accuracy")
+    return [f"- reviewers' answers from {c['table']} (snapshot {c['snapshot_id']}): {c['answers']} used, "
+            f"{c['overrides']} overriding the file's label, {c['confirmed']} confirming it, {c['added']} new texts; "
+            f"{c['skipped_scoped']} skipped (their scoped answers disagree)",
+            "- accuracy on the reviewed rows held out for the test split: "
+            + (f"**{held:.4f}**" if held is not None else "none fell in the test split")]
+
+
 def build_report(test_metrics: dict, history: list[dict], summary: dict,
                  calibration: dict | None = None) -> dict[str, bytes]:
     """Files for the artifact: metrics.json, confusion_matrix.png, curves.png, report.md, and with
@@ -173,6 +186,7 @@ def build_report(test_metrics: dict, history: list[dict], summary: dict,
         + (" (stopped early)" if summary.get("stopped_early") else ""),
         f"- texts truncated at {summary.get('tokens', {}).get('max_tokens')} tokens: "
         f"{summary.get('tokens', {}).get('truncated')} of {summary.get('tokens', {}).get('rows')}",
+        *corrections_lines(summary.get("corrections")),
         "",
         "## Held-out test split",
         "",

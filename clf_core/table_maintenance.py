@@ -167,8 +167,9 @@ def expire_snapshots(labeled: LabeledTable, older_than: datetime, retain_last: i
 
 
 def remove_orphan_files(labeled: LabeledTable, older_than: datetime, dry_run: bool = False) -> list[str]:
-    """Delete files under the table's location that no snapshot or metadata file lists and that
-    were last written before `older_than` (the cutoff keeps files of runs still writing)."""
+    """Delete files under the table's data/ and metadata/ folders that no snapshot or metadata
+    file lists and that were last written before `older_than` (the cutoff keeps files of runs
+    still writing)."""
     table = labeled.table
     table.refresh()
     meta = table.metadata
@@ -182,7 +183,14 @@ def remove_orphan_files(labeled: LabeledTable, older_than: datetime, dry_run: bo
     scheme = meta.location.split("://", 1)[0] + "://" if "://" in meta.location else ""
     cutoff = older_than.timestamp()
     orphans = []
-    for path, info in (fs.find(root, detail=True) if fs.exists(root) else {}).items():
+    # Only the folders Iceberg writes: the backfill reports under reports/ are listed by no
+    # snapshot and must stay.
+    found = {}
+    for folder in ("data", "metadata"):
+        where = f"{root.rstrip('/')}/{folder}"
+        if fs.exists(where):
+            found.update(fs.find(where, detail=True))
+    for path, info in found.items():
         uri = scheme + path if scheme and not path.startswith(scheme) else path
         if uri in known:
             continue

@@ -2,14 +2,24 @@
 Train, publish the artifact. `python -m jobs.train` is its command line; the demo and the bench
 call `run` and `train_worker` with the same typed objects.
 
-    read + split (driver: bad input fails here) -> TorchTrainer(train_worker) on N workers
+    read (+ reviewers' answers) + split (driver: bad input fails here)
+    -> TorchTrainer(train_worker) on N workers
       each worker: load the 4-bit base, DDP over LoRA + head, checkpoint every epoch
       (a lost worker resumes from the last one)
     -> rank 0: best weights -> calibrate on validation -> evaluate held-out -> publish artifact
+       (to --output, or into --registry under --name/<model_version>/)
+
+With --corrections, the answers of a corrections table (clf_core.corrections) join the data: an
+answer overrides the file's label for the same text, an answered text the file lacks is added,
+and a text is in one split only. The snapshot used, the counts and the answered texts held out
+for the test split go into the manifest (`training.corrections`): the promotion gate compares
+models on the answers neither was trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -21,6 +31,7 @@ from clf_core.config import ClassifierConfig
 from clf_core.data import LabelMap, Split, read_table, stratified_split
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
+from clf_core.registry import version_uri
 from clf_core.settings import bound_problems, setting
 
 log = logging.getLogger("jobs.train")
@@ -30,8 +41,16 @@ log = logging.getLogger("jobs.train")
 class TrainJobSettings:
     """Where the data comes from and goes, and how many Ray Train workers run it (the model and
     its training recipe are the ClassifierConfig)."""
-    output: str = setting("Where to publish the artifact (local dir or s3:// prefix). Never overwritten silently.",
-                          default="")
+    output: str = setting("Where to publish the artifact (local dir or s3:// prefix). Never overwritten silently. "
+                          "Or --registry and --name.", default="")
+    registry: str = setting("Publish into this model registry (local folder or s3://) as --name/<model_version>/; "
+                            "python -m jobs.promote then moves the alias the scoring jobs use.", default="")
+    name: str = setting("The model's name in --registry, e.g. income-expense.", default="")
+    catalog: str = setting("The pyiceberg catalog of --corrections.", default="")
+    corrections: str = setting("Also learn from reviewers' answers in this corrections table (python -m jobs.review "
+                               "import): an answer overrides the file's label for the same text, and answered texts "
+                               "the file lacks are added. Scoped answers join only where every scope agrees.",
+                               default="")
     data: str = setting("Labeled CSV/Parquet (local or s3://), split stratified into train/validation/test.",
                         default="")
     train_data: str = setting("Explicit training file (with --validation-data, optional --test-data) instead of "
@@ -51,9 +70,18 @@ class TrainJobSettings:
                               at_least=0, hint="0 = every row", default=0)
 
     def validate(self) -> "TrainJobSettings":
+        from clf_core.registry import NAME
+
         problems = bound_problems(self)
-        if not self.output.strip():
-            problems.append("--output is required: where to publish the artifact (a local folder or s3:// URI)")
+        if self.output.strip() and (self.registry or self.name):
+            problems.append("give either --output or --registry with --name, not both")
+        elif not self.output.strip() and not (self.registry and self.name):
+            problems.append("--output is required (a local folder or s3:// URI), or --registry and --name to publish "
+                            "into a model registry")
+        if self.name and not NAME.match(self.name):
+            problems.append(f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (e.g. income-expense)")
+        if self.corrections and not self.catalog:
+            problems.append("--corrections needs --catalog (the pyiceberg catalog it lives in)")
         if self.data and (self.train_data or self.validation_data):
             problems.append("give either --data (one file, split for you) or --train-data + --validation-data, "
                             "not both")
@@ -65,32 +93,100 @@ class TrainJobSettings:
 
     @property
     def checkpoint_uri(self) -> str:
-        return self.checkpoints or self.output.rstrip("/") + "-checkpoints"
+        if self.checkpoints:
+            return self.checkpoints
+        if self.registry:
+            return storage.join(self.registry, self.name, "checkpoints")
+        return self.output.rstrip("/") + "-checkpoints"
 
+    def run_name(self, cfg: ClassifierConfig) -> str:
+        """Ray Train's run name under checkpoint_uri: a re-submitted job resumes from that run's last
+        checkpoint. With --output, the artifact's folder name; in a registry, the name and a hash
+        of what is trained (data, answers, recipe), so the same job resumes and a new one starts afresh."""
+        if not self.registry:
+            return os.path.basename(self.output.rstrip("/")) or "train"
+        what = json.dumps([self.data, self.train_data, self.validation_data, self.test_data, self.limit_rows,
+                           self.corrections, cfg.to_dict()], sort_keys=True, default=str)
+        return f"{self.name}-{hashlib.sha256(what.encode()).hexdigest()[:10]}"
 
 @dataclass
 class WorkerJob:
     """What crosses into every Ray Train worker: typed, built and validated on the driver."""
     cfg: ClassifierConfig
     split: Split
-    output: str
+    output: str                   # the artifact's URI, or "" to publish into registry/name/<version>
     overwrite: bool = False
     cpus_per_worker: float = 1.0
     world_size: int = 1
     data_description: str = ""
+    registry: str = ""
+    name: str = ""
+    corrections: dict | None = None   # what the answers contributed (manifest `training.corrections`)
+    published_marker: str = ""        # where rank 0 writes the URI it published to, for the driver
 
 
-def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> Split:
-    """Read and split the labeled data on the driver; every input problem is raised here."""
+ANSWERED = "_answered"   # a split's column: the row's label is a reviewer's answer
+
+
+def add_answers(table, text_column: str, label_column: str, labels: list[str], catalog: str, identifier: str):
+    """`table` with the answers of a corrections table merged in (see the module docstring), one
+    row per text; and what they contributed, for the log, the report and the manifest."""
+    import pandas as pd
+
+    from clf_core.corrections import CorrectionsTable, latest_per_key
+
+    corrections = CorrectionsTable(catalog, identifier)
+    latest = latest_per_key(corrections.rows()).to_pylist()
+    unscoped = {r["text"]: r["corrected_label"] for r in latest if not r["scope_column"]}
+    scoped: dict[str, set[str]] = {}
+    for r in latest:
+        if r["scope_column"]:
+            scoped.setdefault(r["text"], set()).add(r["corrected_label"])
+    answers = dict(unscoped)
+    skipped = 0
+    for text, found in scoped.items():
+        if len(found | ({unscoped[text]} if text in unscoped else set())) == 1:
+            answers[text] = next(iter(found))
+        else:
+            answers.pop(text, None)   # the label depends on the scope: no fact about the text alone
+            skipped += 1
+    unknown = sorted(set(answers.values()) - set(labels))
+    if unknown:
+        raise DataError(f"--corrections {identifier} answers with label(s) {unknown} that are not among --labels "
+                        f"{labels}; train with the labels the answers use")
+    table = table.drop_duplicates(subset=[text_column], keep="first").copy()   # a text in one split only
+    given = dict(zip(table[text_column].astype(str), table[label_column].astype(str)))
+    overrides = sum(1 for t, a in answers.items() if t in given and given[t] != a)
+    confirmed = sum(1 for t, a in answers.items() if t in given and given[t] == a)
+    added = [t for t in answers if t not in given]
+    table[label_column] = [answers.get(t, label) for t, label in zip(table[text_column].astype(str), table[label_column])]
+    table[ANSWERED] = table[text_column].astype(str).isin(answers)
+    extra = pd.DataFrame({text_column: added, label_column: [answers[t] for t in added], ANSWERED: True})
+    merged = pd.concat([table, extra], ignore_index=True)
+    contribution = {"table": identifier, "snapshot_id": corrections.snapshot_id, "answers": len(answers),
+                    "overrides": overrides, "confirmed": confirmed, "added": len(added), "skipped_scoped": skipped}
+    log.info("reviewers' answers from %s (snapshot %s): %d used: %d override the file's label, %d confirm it, %d new "
+             "texts; %d text(s) skipped (their scoped answers disagree)", identifier, corrections.snapshot_id,
+             len(answers), overrides, confirmed, len(added), skipped)
+    return merged, contribution
+
+
+def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split, dict | None]:
+    """Read (with the reviewers' answers, if asked) and split the labeled data on the driver;
+    every input problem is raised here. Returns the split and what the answers contributed."""
     d = cfg.data
     columns = [d.text_column, d.label_column]
     labels = LabelMap(d.labels)
+    contribution = None
     if settings.data:
         table = read_table(settings.data, columns)
         labels.encode(table[d.label_column].tolist(), where=settings.data)
         if settings.limit_rows and settings.limit_rows < len(table):
             table = table.groupby(d.label_column, group_keys=False).sample(
                 frac=settings.limit_rows / len(table), random_state=0)
+        if settings.corrections:
+            table, contribution = add_answers(table, d.text_column, d.label_column, d.labels, settings.catalog,
+                                              settings.corrections)
         split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
     else:
         parts = {}
@@ -99,12 +195,29 @@ def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> Split:
             if uri:
                 parts[name] = read_table(uri, columns)
                 labels.encode(parts[name][d.label_column].tolist(), where=uri)
+        if settings.corrections:
+            parts, contribution = answers_into_splits(parts, d, settings)
         split = Split(parts["train"], parts["validation"], parts.get("test", parts["validation"]))
     for name, part in (("train", split.train), ("validation", split.validation)):
         missing = sorted(set(d.labels) - set(part[d.label_column].astype(str)))
         if missing:
             raise DataError(f"the {name} split has no rows of class(es) {missing}; add rows or drop them from --labels")
-    return split
+    if contribution is not None:
+        held_out = split.test[split.test[ANSWERED]] if ANSWERED in split.test else split.test.iloc[0:0]
+        contribution["held_out"] = sorted(held_out[d.text_column].astype(str))
+    return split, contribution
+
+
+def answers_into_splits(parts: dict, d, settings: TrainJobSettings) -> tuple[dict, dict]:
+    """Explicit train / validation / test files with the answers: overrides apply where the text
+    is, new answered texts go to training, and a text in several splits stays in the first."""
+    import pandas as pd
+
+    names = list(parts)
+    merged, contribution = add_answers(pd.concat([parts[n].assign(_split=n) for n in names], ignore_index=True),
+                                       d.text_column, d.label_column, d.labels, settings.catalog, settings.corrections)
+    merged["_split"] = merged["_split"].fillna("train")
+    return {n: merged[merged["_split"] == n].drop(columns="_split").reset_index(drop=True) for n in names}, contribution
 
 
 # ---- what every Ray Train worker runs ----------------------------------------------------------
@@ -180,6 +293,12 @@ def evaluate_and_publish(job: WorkerJob, prepared, trainer, resumed_from, token_
     run = TrainRun(prepared, trainer, token_report)
     run.calibrate()  # the temperature and the review threshold, on the validation split
     test_metrics, calibration = run.held_out(split.test)
+    answered = split.test[split.test[ANSWERED]] if ANSWERED in split.test else split.test.iloc[0:0]
+    if job.corrections is not None:
+        on_answers = run.evaluate_table(answered)["accuracy"] if len(answered) else None
+        job.corrections["held_out_accuracy"] = on_answers
+        log.info("held-out reviewed rows: %s", f"accuracy {on_answers:.4f} ({len(answered)} rows)" if len(answered)
+                 else "none (no answered text fell in the test split)")
     log.info("held-out test: accuracy %.4f  macro-F1 %.4f (%d rows); ECE %.4f -> %.4f calibrated; review threshold "
              "%.3f flags %.1f%% and catches %d of %d errors", test_metrics["accuracy"], test_metrics["macro_f1"],
              test_metrics["rows"], calibration["ece"]["before"], calibration["ece"]["after"],
@@ -195,13 +314,20 @@ def evaluate_and_publish(job: WorkerJob, prepared, trainer, resumed_from, token_
         "tokens": token_report,
         "world_size": job.world_size,
     }
+    if job.corrections is not None:
+        summary["corrections"] = {k: v for k, v in job.corrections.items() if k != "held_out"}
     files = build_report(test_metrics, trainer.state.history, summary, calibration)
     with tempfile.TemporaryDirectory() as tmp:
         manifest = run.save(os.path.join(tmp, "artifact"), extra_files=files,
                             metrics={"test": test_metrics, "resumed_from_epoch": resumed_from,
-                                     "calibration": {k: calibration[k] for k in ("temperature", "ece", "brier", "review")}})
-        publish(os.path.join(tmp, "artifact"), job.output, overwrite=job.overwrite)
-    log.info("published model %s to %s", manifest["model_version"], job.output)
+                                     "calibration": {k: calibration[k] for k in ("temperature", "ece", "brier", "review")}},
+                            extra_manifest={"training": {"data": job.data_description,
+                                                         "corrections": job.corrections}})
+        target = job.output or version_uri(job.registry, job.name, manifest["model_version"])
+        publish(os.path.join(tmp, "artifact"), target, overwrite=job.overwrite)
+    if job.published_marker:
+        storage.write_bytes(job.published_marker, json.dumps({"uri": target}).encode())
+    log.info("published model %s to %s", manifest["model_version"], target)
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -232,6 +358,8 @@ def torch_trainer(job: WorkerJob, *, name: str, checkpoints: str, use_gpu: bool 
 
 
 def check_output(settings: TrainJobSettings) -> None:
+    if settings.registry:   # a version's folder is named by its content: two models never share one
+        return
     if storage.exists(storage.join(settings.output, "manifest.json")) and not settings.overwrite:
         raise ConfigError(f"an artifact is already published at {settings.output}; choose a new --output "
                           f"(e.g. a new version suffix) or pass --overwrite")
@@ -244,7 +372,7 @@ def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
     try:
         settings.validate()
         check_output(settings)
-        split = load_split(settings, cfg)
+        split, contribution = load_split(settings, cfg)
     except ClfError as exc:
         log.error("%s", exc)
         return 2
@@ -253,18 +381,21 @@ def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
     from clf_core.runtime import ensure_ray
 
     ensure_ray()
+    run_name = settings.run_name(cfg)
+    marker = storage.join(settings.checkpoint_uri, run_name, "published.json")
     job = WorkerJob(cfg=cfg, split=split, output=settings.output, overwrite=settings.overwrite,
                     cpus_per_worker=settings.cpus_per_worker, world_size=settings.num_workers,
-                    data_description=settings.data or settings.train_data)
-    trainer = torch_trainer(job, name=os.path.basename(settings.output.rstrip("/")) or "train",
-                            checkpoints=settings.checkpoint_uri, use_gpu=settings.use_gpu,
+                    data_description=settings.data or settings.train_data, registry=settings.registry,
+                    name=settings.name, corrections=contribution, published_marker=marker)
+    trainer = torch_trainer(job, name=run_name, checkpoints=settings.checkpoint_uri, use_gpu=settings.use_gpu,
                             max_failures=settings.max_failures)
     try:
         result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; show the cause, not a wall of frames
         log.error("training failed: %s", exc)
         return 1
-    print(published_summary(settings.output, result.path, time.monotonic() - started))
+    published = json.loads(storage.read_text(marker))["uri"]
+    print(published_summary(published, result.path, time.monotonic() - started))
     return 0
 
 
@@ -274,8 +405,15 @@ def published_summary(output: str, checkpoints: str, seconds: float) -> str:
     artifact = open_artifact(output)
     manifest = artifact.manifest
     test, review = manifest["metrics"]["test"], manifest.get("review", {})
+    answers = (manifest.get("training") or {}).get("corrections")
+    used = ([f"  reviewers' answers from {answers['table']} (snapshot {answers['snapshot_id']}): {answers['answers']} "
+             f"used ({answers['overrides']} overrides, {answers['confirmed']} confirmations, {answers['added']} new "
+             f"texts); held-out reviewed rows: "
+             + (f"accuracy {answers['held_out_accuracy']:.4f} on {len(answers['held_out'])}"
+                if answers.get("held_out_accuracy") is not None else "none")] if answers else [])
     return "\n".join([
         f"\nmodel {artifact.model_version} published to {output}",
+        *used,
         f"  held-out test: macro-F1 {test['macro_f1']:.4f}  accuracy {test['accuracy']:.4f}  ({test['rows']} rows)",
         f"  confidence calibrated (temperature {manifest.get('calibration', {}).get('temperature', 1.0):.3f}); "
         f"review threshold {review.get('threshold', 0.9):.3f} ({review.get('goal')} {review.get('value')})",

@@ -20,10 +20,12 @@ its commit. Before its first commit the backfill tags the table's current snapsh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from clf_core.artifact import open_artifact
 from clf_core.errors import ClfError, ConfigError
+from clf_core.registry import resolve_model
 from clf_core.table import TableError
 
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if start > end:
             raise ConfigError(f"--start {args.start} is after --end {args.end}; swap them")
         settings = from_args(LabelSettings, args).validate()
+        settings = dataclasses.replace(settings, model=resolve_model(settings.model).uri)   # @champion, read once
         artifact = open_artifact(settings.model)
         summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
                             artifact=artifact)

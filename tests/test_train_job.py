@@ -101,31 +101,92 @@ def test_every_flag_reaches_the_config():
 
 
 # ---- real runs ---------------------------------------------------------------------------------
+def answers_table(catalog: str, identifier: str, rows: list[tuple]) -> int:
+    """A corrections table holding these answers (text, label given, answer, scope column, scope value)."""
+    from clf_core.corrections import SCHEMA, CorrectionsTable
+
+    table = CorrectionsTable(catalog, identifier)
+    now = pd.Timestamp.now(tz="UTC")
+    return table.append(pd.DataFrame([
+        {"text": t, "label": given, "corrected_label": answer, "review_reason": "budget", "reviewer": "r",
+         "reviewed_at": now, "source_file": "f.csv", "source_sha256": "s" * 64, "source_line": i + 2,
+         "model_version": "v000000000000", "scope_column": scope, "scope_value": value}
+        for i, (t, given, answer, scope, value) in enumerate(rows)]).pipe(
+        lambda df: __import__("pyarrow").Table.from_pandas(df, schema=SCHEMA, preserve_index=False)))
+
+
 @pytest.mark.integration
-def test_two_workers_train_from_s3_and_publish_to_s3(ray_cluster, s3_bucket, tiny_backbone):
+def test_answers_join_the_training_data_one_split_per_text(iceberg_catalog, table_name):
+    """Without Ray: an answer overrides the file's label for its text, a new answered text is
+    added, a text whose scoped answers disagree is left out, and every text lands in one split."""
+    from clf_core.config import ClassifierConfig
+    from clf_core.train_job import ANSWERED, TrainJobSettings, load_split
+
+    rows = ledger_rows(200, seed=3)
+    rows = pd.concat([rows, rows.head(20)], ignore_index=True)          # duplicated texts in the file
+    texts = rows["texts"].unique().tolist()
+    flipped = {texts[0]: "Income" if rows.set_index("texts").loc[texts[0], "label"].iloc[0] == "Expense" else "Expense"}
+    snapshot = answers_table(iceberg_catalog, table_name, [
+        (texts[0], "x", flipped[texts[0]], None, None),
+        ("Plus: A brand new account", "Expense", "Income", None, None),
+        ("Less: Depends on the property", "Income", "Expense", "property_id", "P1"),
+        ("Less: Depends on the property", "Income", "Income", "property_id", "P2")])
+    import tempfile as tf
+
+    path = write_csv(Path(tf.mkdtemp()), rows)
+    settings = TrainJobSettings(data=path, output="unused", catalog=iceberg_catalog, corrections=table_name)
+    split, contribution = load_split(settings, ClassifierConfig.load(overrides={"data.text_column": "texts"}))
+    parts = [split.train, split.validation, split.test]
+    seen = [set(p["texts"]) for p in parts]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2]), "a text in two splits"
+    everything = pd.concat(parts)
+    assert everything["texts"].is_unique and len(everything) == len(texts) + 1
+    assert everything.set_index("texts").loc[texts[0], "label"] == flipped[texts[0]]
+    assert everything.set_index("texts").loc["Plus: A brand new account", "label"] == "Income"
+    assert "Less: Depends on the property" not in set(everything["texts"])
+    assert everything[ANSWERED].sum() == 2
+    assert (contribution["snapshot_id"], contribution["overrides"], contribution["added"],
+            contribution["skipped_scoped"]) == (snapshot, 1, 1, 1)
+    assert contribution["held_out"] == sorted(set(split.test.loc[split.test[ANSWERED], "texts"]))
+
+
+@pytest.mark.integration
+def test_two_workers_train_from_s3_with_answers_and_publish_into_a_registry(ray_cluster, s3_bucket, tiny_backbone,
+                                                                            iceberg_catalog, table_name):
     data_uri = f"{s3_bucket}/labeled/ledger.parquet"
     fs, path = storage.filesystem(data_uri)
+    rows = ledger_rows(400, seed=1)
     with fs.open(path, "wb") as f:  # through s3fs, as the jobs write
-        ledger_rows(400, seed=1).to_parquet(f)
-    output = f"{s3_bucket}/models/v1"
-    code = train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone,
-                           "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", *TINY_FLAGS])
-    assert code == 0
+        rows.to_parquet(f)
+    snapshot = answers_table(iceberg_catalog, table_name, [(f"Plus: Reviewed Account {i}", "Expense", "Income", None, None)
+                                                           for i in range(8)])
+    registry = f"{s3_bucket}/models"
+    args = ["--data", data_uri, "--registry", registry, "--name", "income-expense", "--base-model", tiny_backbone,
+            "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--catalog", iceberg_catalog,
+            "--corrections", table_name, *TINY_FLAGS]
+    assert train_job.main(args) == 0
+    from clf_core.registry import versions
+
+    [version] = versions(registry, "income-expense")
+    output = f"{registry}/income-expense/{version}"
     for name in ("manifest.json", "adapter.safetensors", "metrics.json", "report.md", "confusion_matrix.png", "curves.png",
                  "reliability.png", "risk_coverage.png"):
         assert storage.exists(f"{output}/{name}"), name
     manifest = json.loads(storage.read_text(f"{output}/manifest.json"))
+    assert manifest["model_version"] == version
     assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1]
     assert manifest["metrics"]["test"]["accuracy"] >= 0.9
+    answers = manifest["training"]["corrections"]
+    assert (answers["table"], answers["snapshot_id"], answers["added"]) == (table_name, snapshot, 8)
+    assert "reviewers' answers from" in storage.read_text(f"{output}/report.md")
+    assert "accuracy on the reviewed rows held out for the test split" in storage.read_text(f"{output}/report.md")
     # the published artifact loads and scores through clf_core
     predictor = Predictor.load(output)
     out = predictor.predict(["Less: Gas - Vacancy", "Plus: Late Fee Unit 4"])
     assert out.labels == ["Expense", "Income"]
-    # checkpoints went to object storage too
-    fs, path = storage.filesystem(f"{s3_bucket}/models/v1-checkpoints")
+    # checkpoints went to object storage too, in the registry beside the versions
+    fs, path = storage.filesystem(f"{registry}/income-expense/checkpoints")
     assert any("checkpoint_" in p for p in fs.find(path))
-    # a second run does not overwrite the published model
-    assert train_job.main(["--data", data_uri, "--output", output, "--base-model", tiny_backbone]) == 2
 
 
 def _ray_cli(*args, env, timeout=120):

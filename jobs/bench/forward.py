@@ -64,8 +64,8 @@ def bench_realpath(settings: BenchSettings, predictor, lines: list[str]) -> dict
     call it), against the forward alone on exactly the batches it runs (tokenized, padded and on
     the device beforehand): rows/s of each, their ratio, and the real path's time split into
     tokenizing, the forward (softmax and copy back included) and the rest (sorting, padding,
-    moving to the device). The forward-only pass runs first, twice: its first pass compiles every
-    shape the real path will meet (the warm-up), so neither timed pass compiles."""
+    moving to the device). A first forward-only pass compiles every shape the real path will meet
+    (the warm-up); then --realpath-rounds rounds alternate the two, and medians are reported."""
     import torch
 
     per_call = settings.realpath_rows_per_call
@@ -73,36 +73,43 @@ def bench_realpath(settings: BenchSettings, predictor, lines: list[str]) -> dict
     prepared = [[(len(idx), {k: v.to(predictor.device) for k, v in batch.items()})
                  for idx, batch in predictor.batches(call)] for call in calls]
     padding = predictor.stats.padding_efficiency
+    shapes = {tuple(b["input_ids"].shape) for call in prepared for _, b in call}
+    fs = predictor.forward_stats
 
     @torch.inference_mode()
-    def forward_only() -> float:
-        started = time.perf_counter()
+    def forward_only() -> int:
         for call in prepared:
             for rows, batch in call:
                 logits = predictor.forward(**batch).logits[:rows].float()
                 torch.softmax(logits / predictor.temperature, dim=-1).cpu().numpy()
-        return time.perf_counter() - started
+        return len(lines)
 
-    shapes = {tuple(b["input_ids"].shape) for call in prepared for _, b in call}
-    warmup = forward_only()
-    forward_s = forward_only()
-    del prepared
-    fs = predictor.forward_stats
-    before = (fs.tokenize_s, fs.forward_s, fs.total_s)
+    splits = []
+
+    def real_path() -> int:
+        before = (fs.tokenize_s, fs.forward_s, fs.total_s)
+        for call in calls:
+            predictor.predict(call)
+        tokenize, forward, total = (now - then for now, then in zip((fs.tokenize_s, fs.forward_s, fs.total_s), before))
+        splits.append({"tokenize": tokenize, "forward": forward, "rest": max(total - tokenize - forward, 0.0)})
+        return len(lines)
+
     started = time.perf_counter()
-    for call in calls:
-        predictor.predict(call)
-    total = time.perf_counter() - started
-    tokenize, forward, measured = (now - then for now, then in zip((fs.tokenize_s, fs.forward_s, fs.total_s), before))
+    forward_only()
+    warmup = time.perf_counter() - started
+    rates = interleaved({"forward_only": forward_only, "real_path": real_path}, settings.realpath_rounds)
+    del prepared
     tokens = [len(ids) for ids in predictor.tokenizer(lines[:20_000])["input_ids"]]
+    median_split = {k: statistics.median(s[k] for s in splits) for k in ("tokenize", "forward", "rest")}
     return {"rows": len(lines), "rows_per_call": per_call, "batch_size": predictor.batch_size,
-            "compiled": fs.compiled, "merged_lora": fs.merged_lora,
+            "compiled": fs.compiled, "merged_lora": fs.merged_lora, "rounds": settings.realpath_rounds,
             "mean_tokens": statistics.mean(tokens), "max_tokens_seen": max(tokens),
-            "padding_efficiency": padding, "shapes": len(shapes), "warmup_s": warmup - forward_s,
-            "rows_per_s": len(lines) / total, "forward_only_rows_per_s": len(lines) / forward_s,
-            "ratio_to_forward_only": forward_s / total,
-            "split_s": {"tokenize": tokenize, "forward": forward, "rest": max(measured - tokenize - forward, 0.0)},
-            "total_s": total}
+            "padding_efficiency": padding, "shapes": len(shapes), "first_pass_s": warmup,
+            "rates": {k: summarize(v) for k, v in rates.items()},
+            "rows_per_s": statistics.median(rates["real_path"]),
+            "forward_only_rows_per_s": statistics.median(rates["forward_only"]),
+            "ratio_to_forward_only": ratio_of(rates, "real_path", "forward_only"),
+            "split_s": median_split, "total_s": len(lines) / statistics.median(rates["real_path"])}
 
 
 def bench_realpath_cpu(settings: BenchSettings, artifact: str, texts: list[str]) -> dict:

@@ -188,8 +188,9 @@ def table(results: dict) -> str:
                      f"rows/s: {rp['ratio_to_forward_only']:.2f}x"
                      + (f"; {rp['ratio_to_sweep']:.2f}x the sweep's fixed-length figure" if rp.get("ratio_to_sweep") else ""))
         lines.append(f"time split: tokenize {split['tokenize']:.2f}s, forward {split['forward']:.2f}s, rest {split['rest']:.2f}s "
-                     f"of {rp['total_s']:.2f}s; padding efficiency {rp['padding_efficiency']:.3f}; {rp['shapes']} shapes, "
-                     f"warm-up {rp['warmup_s']:.1f}s")
+                     f"of {rp['total_s']:.2f}s (medians of {rp['rounds']} rounds); padding efficiency "
+                     f"{rp['padding_efficiency']:.3f}; {rp['shapes']} shapes; the first forward-only pass, compiles "
+                     f"included, took {rp['first_pass_s']:.1f}s")
     sc = results.get("scale")
     if sc:
         def mib(x):
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.ledger_nights, settings.train_rows, settings.coldstart_hidden = 2, 64, 0
         settings.pipeline_batch_sizes, settings.gpu_batch_sizes, settings.gpu_iters = "8", "4,8", 1
         settings.label_scale = 2
-        settings.realpath_rows, settings.realpath_rows_per_call = 300, 128
+        settings.realpath_rows, settings.realpath_rows_per_call, settings.realpath_rounds = 300, 128, 1
         settings.scale_rows, settings.scale_cache, settings.scale_partitions, settings.scale_rounds = \
             "2000", "500", 3, 1
     results: dict = {"command": "python -m jobs.bench " + " ".join(argv if argv is not None else sys.argv[1:]),

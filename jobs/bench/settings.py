@@ -58,6 +58,8 @@ class BenchSettings:
                                  "property, shuffled).", at_least=1, default=200_000)
     realpath_rows_per_call: int = setting("Texts per Predictor.predict call in the realpath item, as jobs.label's "
                                           "actors get them (--rows-per-call).", at_least=1, default=1024)
+    realpath_rounds: int = setting("Rounds of the realpath item, each the forward alone then the real path "
+                                   "(medians).", at_least=1, default=3)
     realpath_dtype: str = setting("Compute dtype at which the GPU item runs the realpath item.", default="bfloat16")
     scale_rows: str = setting("Ledger sizes of the scale item, rows (about --scale-distinct of them distinct).",
                               default="100000,1000000,4000000")

@@ -823,6 +823,21 @@ def test_cluster_label_jobs_use_s3_and_the_nightly_exports_review():
         "the nightly RayCronJob exports the review rows (--review-export s3://...)"
 
 
+def test_cluster_jobs_score_with_the_champion_and_training_publishes_into_the_registry():
+    """The cron and backfill jobs take the model the gate promoted (REGISTRY/NAME@champion), apply
+    the reviewers' answers, and training publishes versions that only a promotion makes live."""
+    on_cluster = [(s, m, parse(s, m, a)) for s, m, a in ON_CLUSTER]
+    manifests_of = {name for name, _ in manifests("RayCronJob")} | {name for name, _ in manifests("RayJob")}
+    for source, module, args in on_cluster:
+        if module in LABEL_JOBS and source in manifests_of:
+            assert args.model.endswith("@champion"), f"{source}: --model {args.model} is not the champion alias"
+            assert args.corrections, f"{source}: the cluster's label jobs apply the reviewers' answers (--corrections)"
+        if module == "jobs.train":
+            assert args.registry.startswith("s3://") and args.name and not args.output, \
+                f"{source}: training publishes into the registry (--registry/--name), not to a fixed --output"
+    assert {m for _, m, _ in on_cluster} >= {"jobs.promote"}, "the README shows how a promotion is submitted"
+
+
 def submit_commands() -> list[tuple[str, list[str], str]]:
     """(source, `ray job submit` options, job module) for every documented submit of a job."""
     found = []

@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 # ---- the flow -----------------------------------------------------------------------------------
 
+def backfill_tag(start, end, model_version: str) -> str:
+    """The tag a backfill puts on the table's snapshot before its first commit (its labels before)."""
+    return f"backfill-{start.isoformat()}-{end.isoformat()}-{model_version}"
+
+
 def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label", tag: str | None = None,
               artifact=None) -> "Summary | None":
     """A label job from its settings (jobs.label; jobs.backfill with a date range, mode

@@ -41,13 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def backfill_tag(start, end, model_version: str) -> str:
-    return f"backfill-{start.isoformat()}-{end.isoformat()}-{model_version}"
-
-
 def main(argv: list[str] | None = None) -> int:
     from clf_core.label_settings import LabelSettings, parse_date
-    from clf_core.labeling import label_job
+    from clf_core.labeling import backfill_tag, label_job
     from clf_core.logs import setup_logging
     from clf_core.settings import from_args
 

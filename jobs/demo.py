@@ -1,4 +1,4 @@
-"""The whole system on one laptop: train -> nightly labeling into an Iceberg table -> a night from the cache -> reviewers' answers applied.
+"""The whole system on one laptop: train -> promote -> nightly labeling into an Iceberg table -> a night from the cache -> reviewers' answers applied -> a better model rolled out.
 
 Run as (after `make setup`; `make demo` does both):
 
@@ -12,7 +12,10 @@ catalog on a SQLite file under --workdir, its warehouse on that endpoint) and th
 MiniLM backbone. The same jobs run unchanged on a real cluster against S3, the Glue catalog and
 Mistral-7B (README, "On a real cluster"). A reviewer (simulated from the sample ledgers' own
 labels) answers the first night's review file; the answers are imported (python -m jobs.review
-import) and the next night applies them, to its rows and to the nights labeled before. The demo
+import) and the next night applies them, to its rows and to the nights labeled before. Models go
+into a registry (runs on `--model .../income-expense@champion`): the first is promoted on an
+evaluation file held out of the sample; at the end a second one, trained with the reviewers'
+answers, goes through the promotion gate and a backfill with it prints its diff report. The demo
 ends by printing three lines that read the labeled table with pyiceberg; the local S3 endpoint stays up for them until `--stop` (or the next
 demo, which replaces this one's state). The model's report and plots and the review CSVs are
 copied under --workdir (default runs/demo) so they can be opened.
@@ -35,6 +38,10 @@ log = logging.getLogger("jobs.demo")
 BUCKET = "ledger-demo"
 FIRST_NIGHT = date(2026, 11, 1)
 CATALOG, TABLE, CORRECTIONS = "demo", "ledgers.labeled_lines", "ledgers.corrections"
+NAME = "income-expense"
+EVAL_SHARE = 0.15       # of the labeled sample, held out as the team's evaluation file for promotions
+# The gate's tolerance: on ~170 evaluation rows one row moves macro-F1 by about 0.01.
+DEMO_MAX_DROP = 0.02
 AUDIT_FRACTION = 0.05   # a larger sample than the default 1%: a demo's nights are small
 REVIEW_BUDGET = 0.10    # the least confident 10% of each run's rows go to review, whatever the threshold
 PID_FILE = "local-s3.pid"
@@ -84,7 +91,6 @@ def write_catalog_config(workdir: Path, s3) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     from clf_core import storage
-    from clf_core.data import sample_data_path
     from jobs.support.local_s3 import LocalS3, apply_env
     from clf_core.logs import setup_logging
     from jobs.support.sample_ledgers import write_nights
@@ -118,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bucket = s3.make_bucket(BUCKET) if s3 else f"s3://{BUCKET}"
         write_catalog_config(workdir, s3)
-        labeled = f"{bucket}/labeled/coa_income_expense.csv"
-        storage.write_bytes(labeled, Path(sample_data_path()).read_bytes())
-        ledgers, model = f"{bucket}/ledgers", f"{bucket}/models/income-expense-v1"
+        labeled, evaluation = write_labeled_sample(bucket)
+        ledgers, registry = f"{bucket}/ledgers", f"{bucket}/models"
+        champion = f"{registry}/{NAME}@champion"
         cache, review = f"{bucket}/label-cache", f"{bucket}/review"
         size = {"properties": 2, "accounts_per_property": 10} if args.smoke else {}
         write_nights(ledgers, FIRST_NIGHT, args.nights, **size)
@@ -129,31 +135,41 @@ def main(argv: list[str] | None = None) -> int:
         from clf_core.runtime import ensure_ray
 
         ensure_ray()
-        step("1/4 train the classifier (jobs.train)")
-        if train(labeled, model, workdir, args.smoke) != 0:
+        step("1/5 train the classifier into the registry (jobs.train), promote it to champion (jobs.promote)")
+        v1 = train(labeled, registry, workdir, args.smoke)
+        if v1 is None or promote(registry, v1, evaluation, cache) is None:
             return 1
 
-        step(f"2/4 label {args.nights} nightly partitions into table {TABLE} (jobs.label)")
-        first = label(model, ledgers, cache, review, args.review_threshold)
+        step(f"2/5 label {args.nights} nightly partitions into table {TABLE} with {NAME}@champion (jobs.label)")
+        first = label(champion, ledgers, cache, review, args.review_threshold)
 
-        step("3/4 the next night: one new partition, scored from the label cache where possible")
+        step("3/5 the next night: one new partition, scored from the label cache where possible")
         write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights), 1, new_accounts=8, **size)
-        second = label(model, ledgers, cache, review, args.review_threshold)
+        second = label(champion, ledgers, cache, review, args.review_threshold)
         if not (first and second and first.ok and second.ok):
             return 1
 
-        step(f"4/4 a reviewer answers night 1's review file (jobs.review import); the next night applies the answers")
+        step("4/5 a reviewer answers night 1's review file (jobs.review import); the next night applies the answers")
         answered = answer_like_a_reviewer(f"{review}/dt={FIRST_NIGHT.isoformat()}.csv", workdir / "reviewed.csv")
         print(import_answers(workdir / "reviewed.csv"))
-        write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights + 1), 1, **size)
-        third = label(model, ledgers, cache, review, args.review_threshold)
+        last = FIRST_NIGHT + timedelta(days=args.nights + 1)
+        write_nights(ledgers, last, 1, **size)
+        third = label(champion, ledgers, cache, review, args.review_threshold)
         if not (third and third.ok):
             return 1
 
+        step("5/5 a model trained with the answers: the promotion gate (jobs.promote), then a backfill (jobs.backfill)")
+        v2 = train(labeled, registry, workdir, args.smoke, corrections=True)
+        if v2 is None or promote(registry, v2, evaluation, cache, shadow_nights=2) is None:
+            return 1
+        relabeled = backfill(champion, ledgers, cache, review, FIRST_NIGHT, last)
+        if not (relabeled and relabeled.ok):
+            return 1
+
         local = workdir / "outputs"
-        storage.download_dir(model, local / "model")
+        storage.download_dir(registry_version(registry, v1), local / "model")
         storage.download_dir(review, local / "review")
-        summarize(local, workdir, first, second, third, answered, time.monotonic() - started)
+        summarize(local, workdir, first, second, third, answered, relabeled, time.monotonic() - started)
         ok = True
         return 0
     finally:
@@ -170,20 +186,89 @@ def step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def train(labeled: str, model: str, workdir: Path, smoke: bool) -> int:
-    """`python -m jobs.train --data ... --output ... --text-column full_path --cpus-per-worker 1`:
-    the default backbone and recipe; with --smoke, the tiny model of configs/tiny.yaml on 300 rows."""
+def write_labeled_sample(bucket: str) -> tuple[str, str]:
+    """The packaged chart of accounts, split into the training file and the evaluation file a team
+    keeps for promotions (EVAL_SHARE, stratified by label)."""
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    from clf_core import storage
+    from clf_core.data import sample_data_path
+
+    rows = pd.read_csv(sample_data_path())
+    train_rows, eval_rows = train_test_split(rows, test_size=EVAL_SHARE, stratify=rows["label"], random_state=0)
+    labeled, evaluation = f"{bucket}/labeled/coa_income_expense.csv", f"{bucket}/labeled/eval.csv"
+    storage.write_bytes(labeled, train_rows.to_csv(index=False).encode())
+    storage.write_bytes(evaluation, eval_rows.to_csv(index=False).encode())
+    return labeled, evaluation
+
+
+def registry_version(registry: str, version: str) -> str:
+    from clf_core.registry import version_uri
+
+    return version_uri(registry, NAME, version)
+
+
+def train(labeled: str, registry: str, workdir: Path, smoke: bool, corrections: bool = False) -> str | None:
+    """`python -m jobs.train --data ... --registry ... --name income-expense --text-column full_path
+    --cpus-per-worker 1` (with `--catalog demo --corrections ledgers.corrections`: learning from the
+    reviewers' answers): the default backbone and recipe; with --smoke, the tiny model of
+    configs/tiny.yaml on 300 rows. Returns the version it published (None: it failed)."""
     from clf_core.config import ClassifierConfig
+    from clf_core.registry import versions
     from clf_core.train_job import TrainJobSettings, run
 
-    settings = TrainJobSettings(data=labeled, output=model, cpus_per_worker=1.0)
+    before = set(versions(registry, NAME))
+    settings = TrainJobSettings(data=labeled, registry=registry, name=NAME, cpus_per_worker=1.0)
+    if corrections:
+        settings.catalog, settings.corrections = CATALOG, CORRECTIONS
     overrides = {"data.text_column": "full_path", "data.label_column": "label"}
     if not smoke:
-        return run(settings, ClassifierConfig.load(overrides=overrides))
-    from jobs.support.tiny import build_tiny_mistral, tiny_config
+        status = run(settings, ClassifierConfig.load(overrides=overrides))
+    else:
+        from jobs.support.tiny import build_tiny_mistral, tiny_config
 
-    settings.limit_rows = 300
-    return run(settings, tiny_config(build_tiny_mistral(workdir / "tiny-backbone"), {**overrides, "train.epochs": 1}))
+        settings.limit_rows = 300
+        status = run(settings, tiny_config(build_tiny_mistral(workdir / "tiny-backbone"), {**overrides, "train.epochs": 1}))
+    new = set(versions(registry, NAME)) - before
+    return next(iter(new)) if status == 0 and new else None
+
+
+def promote(registry: str, version: str, evaluation: str, cache: str, shadow_nights: int = 0) -> str | None:
+    """`python -m jobs.promote --registry ... --name income-expense --candidate <version> --eval-data
+    ... --text-column full_path --max-drop 0.02` (and the reviewed rows and shadow comparison on the
+    demo's table): the gate's report. When it refuses, the demo shows the override, recorded with
+    its reason, so the rest of the rollout still runs. Returns the new champion (None: failed)."""
+    from clf_core.promotion import PromoteSettings, promote as run_promotion
+
+    settings = PromoteSettings(registry=registry, name=NAME, candidate=version, eval_data=evaluation,
+                               text_column="full_path", max_drop=DEMO_MAX_DROP, cache=cache, shadow_nights=shadow_nights,
+                               **({"catalog": CATALOG, "corrections": CORRECTIONS, "output_table": TABLE}
+                                  if shadow_nights else {}))
+    status, report = run_promotion(settings)
+    print(report)
+    if status != 0:
+        print("(the demo goes on with the override a person would record: --accept-worse --reason ...)")
+        settings.accept_worse, settings.reason = True, "demo: show the whole rollout on a small evaluation file"
+        status, report = run_promotion(settings)
+        print(report.splitlines()[-1])
+    return version if status == 0 else None
+
+
+def backfill(model: str, ledgers: str, cache: str, review: str, start: date, end: date):
+    """`python -m jobs.backfill --start ... --end ... --model .../income-expense@champion ...`: every
+    night relabeled by the new champion, reviewers' answers applied again, and its diff report."""
+    from clf_core.artifact import open_artifact
+    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling import backfill_tag, label_job
+    from clf_core.registry import resolve_model
+
+    settings = LabelSettings(model=resolve_model(model).uri, input=ledgers, catalog=CATALOG, output_table=TABLE,
+                             cache=cache, review_export=review, shuffle_partitions=4, audit_fraction=AUDIT_FRACTION,
+                             review_budget=REVIEW_BUDGET, corrections=CORRECTIONS)
+    artifact = open_artifact(settings.model)
+    return label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
+                     artifact=artifact)
 
 
 def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):
@@ -249,7 +334,7 @@ def snippet(workdir: Path) -> list[str]:
             f'{sys.executable} -c "{code}"']
 
 
-def summarize(local: Path, workdir: Path, first, second, third, corrected: set[str], seconds: float) -> None:
+def summarize(local: Path, workdir: Path, first, second, third, corrected: set[str], relabeled, seconds: float) -> None:
     import json
 
     metrics = json.loads((local / "model" / "metrics.json").read_text())
@@ -277,6 +362,8 @@ def summarize(local: Path, workdir: Path, first, second, third, corrected: set[s
           f"rows now carry the reviewers' labels")
     if third.audit is not None:
         print(f"  {third.audit.line()}")
+    for line in relabeled.backfill_report:
+        print(f"  {line}")
     print(f"  review files ({len(reviews)}): {reviews[0].parent if reviews else '-'}/<partition>.csv")
     print(f"total {seconds:.0f}s")
     print("\n=== read the labeled table with pyiceberg (the local S3 endpoint stays up until "

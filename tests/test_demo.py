@@ -59,6 +59,12 @@ def test_demo_smoke_runs_end_to_end_and_its_snippet_reads_every_row(tmp_path):
         assert int(corrected.group(3)) >= int(corrected.group(1))
         assert re.search(r"imported .*reviewed.csv \(\d+ rows, UTF-8, comma-separated\): \d+ answers", out)
         assert "audit estimate for model v" in out
+        # the rollout: a first promotion, then the gate between two models with its shadow, then a
+        # backfill with the new champion and its diff report
+        assert out.count("PROMOTED: income-expense@champion = v") == 2, out[-4000:]
+        assert re.search(r"gate: income-expense candidate v\w+ vs champion v\w+", out)
+        assert re.search(r"shadow, the last 2 labeled partition\(s\).*model-labeled rows would change", out)
+        assert re.search(r"backfill report backfill-2026-11-01-2026-11-04-v\w+: [\d,]+ of [\d,]+ rows in 4 partition", out)
         labeled_rows = int(re.search(r"^  (\d+) rows labeled in", out, re.M).group(1))
         night2 = re.search(r"night 2 scored (\d+) new texts, (\d+) from the label cache", out)
         assert night2 and int(night2.group(2)) > 0, "the second night took nothing from the cache"

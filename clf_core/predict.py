@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from clf_core.artifact import Artifact, open_artifact
-from clf_core.data import TokenStats, encode_batch, token_lengths
+from clf_core.data import TokenStats
 from clf_core.errors import ArtifactError, ConfigError
 from clf_core.model import (PREQUANTIZED_META, Hardware, backbone_fingerprint, build_classifier, header_fingerprint,
                             load_tokenizer, load_trainable_state, merge_lora_for_scoring, resolve_backbone,
@@ -213,20 +213,38 @@ class Predictor:
 
     def batches(self, texts: list[str]):
         """(row indices, tokenized batch) per forward pass, as `predict` runs them: texts sorted by
-        token length, cut into batches of batch_size, each padded to its longest row (compiled:
-        to buckets). Tokenizing time and token counts go to forward_stats and stats."""
+        token length, cut into batches of batch_size, each padded on the right to its longest row
+        (compiled: to buckets). The texts are tokenized once, for their lengths and their ids
+        alike (the ids clf_core.data.encode_batch gives, tested); only the rows longer than
+        max_tokens are encoded again, with the tokenizer's own truncation (which keeps a closing
+        special token such as BERT's [SEP]). Tokenizing time and token counts go to forward_stats
+        and stats."""
         if not texts:
             return
         started = time.perf_counter()
-        lengths = token_lengths(self.tokenizer, texts)
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        lengths = [len(row) for row in ids]
+        long = [i for i, n in enumerate(lengths) if n > self.max_tokens]
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=self.max_tokens)["input_ids"]
+            for i, row in zip(long, cut):
+                ids[i] = row
         order = np.argsort(lengths, kind="stable")
         self.forward_stats.tokenize_s += time.perf_counter() - started
+        pad = self.tokenizer.pad_token_id
         for start in range(0, len(texts), self.batch_size):
             idx = order[start:start + self.batch_size]
-            started = time.perf_counter()
-            batch, stats = encode_batch(self.tokenizer, [texts[i] for i in idx], self.max_tokens,
-                                        [lengths[i] for i in idx])
-            self.forward_stats.tokenize_s += time.perf_counter() - started
+            rows = [ids[i] for i in idx]
+            width = max(len(row) for row in rows)
+            input_ids = np.full((len(rows), width), pad, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for r, row in enumerate(rows):
+                input_ids[r, :len(row)] = row
+                mask[r, :len(row)] = 1
+            batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+            stats = TokenStats(texts=len(rows), truncated=sum(1 for i in idx if lengths[i] > self.max_tokens),
+                               real_tokens=int(mask.sum()), padded_tokens=int(mask.size),
+                               longest=max(lengths[i] for i in idx))
             if self.forward_stats.compiled:
                 batch, stats.padded_tokens = self.padded_to_buckets(batch)
             self.stats.add(stats)

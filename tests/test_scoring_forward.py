@@ -29,6 +29,29 @@ def test_lora_merged_into_its_projections_scores_as_the_unmerged_model(tiny_arti
     np.testing.assert_allclose(merged.predict(TEXTS).probabilities, unmerged.predict(TEXTS).probabilities, atol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["tiny mistral", "minilm"])
+def test_scoring_batches_hold_the_ids_training_encodes(backbone, tiny_backbone):
+    """Predictor tokenizes each call once (lengths and ids from one call); its batches must be
+    what clf_core.data.encode_batch makes for training, truncation included (BERT keeps [SEP])."""
+    from clf_core.data import encode_batch
+    from clf_core.model import load_tokenizer, packaged_minilm_dir
+
+    source = tiny_backbone if backbone == "tiny mistral" else packaged_minilm_dir()
+    tokenizer = load_tokenizer(source, 12)
+    predictor = Predictor(torch.nn.Module(), tokenizer, ["Expense", "Income"], 12, torch.device("cpu"), batch_size=4)
+    texts = TEXTS[:9] + TEXTS[-2:]
+    seen = []
+    for idx, batch in predictor.batches(texts):
+        expected, _ = encode_batch(tokenizer, [texts[i] for i in idx], 12)
+        assert set(batch) == {"input_ids", "attention_mask"}
+        for key in batch:
+            assert torch.equal(batch[key], expected[key]), key
+        seen += list(idx)
+    assert sorted(seen) == list(range(len(texts)))
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert predictor.stats.truncated == sum(n > 12 for n in lengths) >= 2
+
+
 def test_compile_setting_is_checked_and_auto_compiles_on_cuda_only():
     with pytest.raises(ConfigError, match=r"model.compile = 'sometimes': allowed: auto, on, off"):
         ClassifierConfig.from_dict({"model": {"compile": "sometimes"}}).validate()

@@ -390,12 +390,12 @@ def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
     trainer = torch_trainer(job, name=run_name, checkpoints=settings.checkpoint_uri, use_gpu=settings.use_gpu,
                             max_failures=settings.max_failures)
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; show the cause, not a wall of frames
         log.error("training failed: %s", exc)
         return 1
     published = json.loads(storage.read_text(marker))["uri"]
-    print(published_summary(published, result.path, time.monotonic() - started))
+    print(published_summary(published, storage.join(settings.checkpoint_uri, run_name), time.monotonic() - started))
     return 0
 
 

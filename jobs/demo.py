@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         local = workdir / "outputs"
-        storage.download_dir(registry_version(registry, v1), local / "model")
+        storage.download_dir(registry_version(registry, v2), local / "model")   # the champion now
         storage.download_dir(review, local / "review")
         summarize(local, workdir, first, second, third, answered, relabeled, time.monotonic() - started)
         ok = True
@@ -349,7 +349,7 @@ def summarize(local: Path, workdir: Path, first, second, third, corrected: set[s
     flagged = table.table.scan(row_filter="needs_review = true", selected_fields=("needs_review",)).to_arrow().num_rows
     label_seconds = first.seconds + second.seconds + third.seconds
     print("\n=== summary")
-    print(f"model {manifest['model_version']} ({manifest['backbone']['id']})")
+    print(f"model {manifest['model_version']} ({manifest['backbone']['id']}), the champion after the rollout")
     print(f"  held-out macro-F1 {test['macro_f1']:.3f}, accuracy {test['accuracy']:.3f} ({test['rows']} rows)")
     print(f"  report: {local / 'model' / 'report.md'}")
     print(f"  plots:  {local / 'model'}/{{{', '.join(plots)}}}")

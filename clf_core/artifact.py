@@ -219,6 +219,9 @@ def open_artifact(uri: str) -> Artifact:
     try:
         manifest_text = storage.read_text(manifest_uri)
     except Exception as exc:
+        problem = storage.access_problem(exc)
+        if problem:
+            raise storage.StorageAccessError(f"reading the model {uri}: {problem}") from exc
         raise ArtifactError(
             f"no artifact at {uri}: cannot read {MANIFEST} ({exc}). Point --model at a directory "
             f"published by jobs.train."

@@ -121,6 +121,19 @@ class LabelSettings:
         return self
 
 
+@dataclass
+class BackfillSettings(LabelSettings):
+    start: str = setting("First partition date to relabel, YYYY-MM-DD (inclusive).", default="")
+    end: str = setting("Last partition date to relabel, YYYY-MM-DD (inclusive).", default="")
+
+    def dates(self) -> tuple[date, date]:
+        """--start and --end as dates, checked (ConfigError naming the flag and the fix)."""
+        start, end = parse_date("--start", self.start), parse_date("--end", self.end)
+        if start > end:
+            raise ConfigError(f"--start {self.start} is after --end {self.end}; swap them")
+        return start, end
+
+
 def parse_date(flag: str, value: str) -> date:
     if not DATE.match(value or ""):
         raise ConfigError(f"{flag} {value!r}: expected a date as YYYY-MM-DD, e.g. 2024-01-31")

@@ -61,6 +61,6 @@ def quiet_libraries() -> None:
             logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", verbose: bool | None = None, log_file=None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     quiet_libraries()

@@ -22,16 +22,34 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from clf_core.artifact import approve_backbone_copy, open_artifact
 from clf_core.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ConfigError
 from clf_core.model import PREQUANTIZED_META, backbone_fingerprint, quantization_config, resolve_backbone, resolve_hardware
+from clf_core.settings import setting
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+
+
+@dataclass
+class PrequantizeSettings:
+    model: str = setting("The published model (artifact) whose backbone to quantize.", default="")
+    output: str = setting("A new local directory for the 4-bit copy.", default="")
+    device: str = setting("Quantize on this device (cuda, cpu; default: the model's setting). Use the kind that will "
+                          "score.", default="")
+
+    def validate(self) -> "PrequantizeSettings":
+        problems = [f"--{name} is required" for name in ("model", "output") if not getattr(self, name).strip()]
+        if self.device not in ("", "cpu", "cuda"):
+            problems.append(f"--device {self.device!r}: use cpu or cuda")
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
 
 
 def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, device: str | None = None) -> dict:

@@ -25,6 +25,55 @@ from fsspec.core import url_to_fs
 from clf_core.errors import ClfError
 
 
+class StorageAccessError(ClfError):
+    """The object store could not be used: no credentials, refused credentials, or an endpoint
+    that does not answer. A run-time failure of the surroundings (exit 1), not of the input."""
+
+
+# How botocore, aiobotocore/aiohttp and s3fs name the three ways an object store cannot be used.
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError")
+REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "ExpiredTokenException", "InvalidToken",
+           "AccessDenied", "AllAccessDisabled", "InvalidClientTokenId", "UnrecognizedClientException")
+UNREACHABLE = ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+               "ServerDisconnectedError", "ConnectionRefusedError", "ClientConnectorDNSError")
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def access_problem(exc: BaseException) -> str | None:
+    """What is wrong with the way to the object store, for a person, if that is why `exc` happened
+    (None: something else). Looks through the exception's causes, and through the text Ray passes
+    a task's error on as."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (no AWS_ENDPOINT_URL set)"
+    demo = " For the demo's local endpoint: source runs/demo/env.sh."
+    for e in _chain(exc):
+        if isinstance(e, StorageAccessError):
+            return str(e)   # named already, with what was being read
+        name = type(e).__name__
+        code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code") if hasattr(e, "response") else None
+        text = str(e)
+        if name in NO_CREDENTIALS or "Unable to locate credentials" in text:
+            return ("no credentials for the object store: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                    "AWS_PROFILE), or run where an instance profile or IRSA role provides them." + demo)
+        # a refused HEAD request has no body, hence no code: only its status, 403 Forbidden
+        forbidden = code in ("403", "Forbidden") or (isinstance(e, PermissionError) and text.strip() == "Forbidden")
+        if code in REFUSED or forbidden or any(c in text for c in REFUSED[:5]):
+            key = os.environ.get("AWS_ACCESS_KEY_ID", "")
+            shown = f" (key id ...{key[-4:]})" if len(key) > 8 else ""
+            return (f"the object store at {endpoint} refused the credentials{shown}: {text.strip()[:200]} Check "
+                    f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the role's permissions)." + demo)
+        if name in UNREACHABLE or isinstance(e, ConnectionRefusedError) or "Could not connect to the endpoint URL" in text:
+            return (f"cannot reach the object store at {endpoint}: {text.strip()[:200]} Is it up, and is "
+                    f"AWS_ENDPOINT_URL right?" + demo)
+    return None
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path within it) for a local path or URI."""
     try:

@@ -196,6 +196,11 @@ class LabeledTable:
         except NoSuchTableError:
             self.table = None
         except Exception as exc:  # unreadable metadata, an unreachable catalog or store: named, no traceback
+            from clf_core.storage import StorageAccessError, access_problem
+
+            if access_problem(exc):
+                raise StorageAccessError(f"loading table {identifier} of catalog {catalog_name!r}: "
+                                         f"{access_problem(exc)}") from exc
             current, previous = metadata_locations(self.catalog, identifier)
             where = f"its metadata file {current}" if current else "its metadata"
             fix = (f"Restore that file (object versioning, a backup), or point the catalog back at the previous "

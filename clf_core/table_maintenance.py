@@ -21,13 +21,99 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import re
+from datetime import timedelta
+
 from clf_core import storage
-from clf_core.errors import ClfError
-from clf_core.table import EXPIRED_COMMITS, PREFIX, LabeledTable, commits_as_of
+from clf_core.errors import ClfError, ConfigError
+from clf_core.settings import bound_problems, setting
+from clf_core.table import EXPIRED_COMMITS, IDENTIFIER, PREFIX, LabeledTable, commits_as_of
 
 log = logging.getLogger(__name__)
 
 BACKFILL_TAG_PREFIX = "backfill-"
+
+
+# ---- the settings of python -m jobs.table's subcommands ----------------------------------------
+
+@dataclass
+class TableSettings:
+    catalog: str = setting("The pyiceberg catalog holding the table (as for jobs.label).", default="")
+    output_table: str = setting("The labeled table, NAMESPACE.TABLE (jobs.label's --output-table).", default="")
+
+    def validate(self):
+        problems = bound_problems(self)
+        if not self.catalog.strip():
+            problems.append("--catalog is required: the pyiceberg catalog of the table (e.g. --catalog ledgers)")
+        if not IDENTIFIER.match(self.output_table or ""):
+            problems.append(f"--output-table {self.output_table!r}: expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
+        problems += self.problems()
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class HistorySettings(TableSettings):
+    limit: int = setting("How many snapshots to show.", at_least=1, default=30)
+
+
+@dataclass
+class RollbackSettings(TableSettings):
+    to: str = setting("A tag (e.g. the backfill-... tag a backfill made) or a snapshot id.", default="")
+
+    def problems(self) -> list[str]:
+        return [] if self.to.strip() else ["--to is required: a tag or snapshot id (python -m jobs.table history lists them)"]
+
+
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_age(flag: str, value: str) -> timedelta:
+    match = re.fullmatch(r"(\d+)([smhd])", value or "")
+    if not match:
+        raise ConfigError(f"{flag} {value!r}: expected a number and a unit (s, m, h, d), e.g. 30d or 12h")
+    return timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+
+
+@dataclass
+class ExpireSettings(TableSettings):
+    older_than: str = setting("Age cutoff, e.g. 30d, 12h.", default="")
+    retain_last: int = setting("Always keep this many newest snapshots.", at_least=1, default=1)
+
+    def problems(self) -> list[str]:
+        parse_age("--older-than", self.older_than)
+        return []
+
+
+@dataclass
+class OrphanSettings(TableSettings):
+    older_than: str = setting("Only files older than this, e.g. 3d: more than your longest run.", default="")
+    dry_run: bool = setting("List them, delete nothing.", default=False)
+
+    def problems(self) -> list[str]:
+        parse_age("--older-than", self.older_than)
+        return []
+
+
+@dataclass
+class CompactCacheSettings:
+    cache: str = setting("The label cache the jobs use (--cache of jobs.label).", default="")
+    model_version: str = setting("The model version whose entries to compact (v...).", default="")
+    cache_file_mb: int = setting("Target size of a compacted file, in MB of memory (as jobs.label's --cache-file-mb).",
+                                 at_least=1, default=256)
+
+    def validate(self) -> "CompactCacheSettings":
+        problems = bound_problems(self)
+        for flag, value in (("--cache", self.cache), ("--model-version", self.model_version)):
+            if not value.strip():
+                problems.append(f"{flag} is required")
+        if problems:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+        return self
 
 
 def _ms(moment: datetime) -> int:

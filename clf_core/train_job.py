@@ -374,8 +374,9 @@ def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
         check_output(settings)
         split, contribution = load_split(settings, cfg)
     except ClfError as exc:
-        log.error("%s", exc)
-        return 2
+        problem = storage.access_problem(exc)   # the object store, not the input: a run-time failure
+        log.error("%s", problem or exc)
+        return 1 if problem else 2
     log.info("data: %d train / %d validation / %d test rows, labels %s",
              len(split.train), len(split.validation), len(split.test), cfg.data.labels)
     from clf_core.runtime import ensure_ray

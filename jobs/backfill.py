@@ -19,52 +19,39 @@ its commit. Before its first commit the backfill tags the table's current snapsh
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from clf_core.artifact import open_artifact
-from clf_core.errors import ClfError, ConfigError
-from clf_core.registry import resolve_model
-from clf_core.table import TableError
+from clf_core import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clf_core.label_settings import LabelSettings
-    from clf_core.settings import add_arguments
+def build_parser():
+    from clf_core.label_settings import BackfillSettings
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.backfill", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)  # an old --output must not pass for --output-table
-    parser.add_argument("--start", required=True, help="First partition date to relabel, YYYY-MM-DD (inclusive).")
-    parser.add_argument("--end", required=True, help="Last partition date to relabel, YYYY-MM-DD (inclusive).")
-    add_arguments(parser, LabelSettings)
-    return parser
+    return cli.build_parser("python -m jobs.backfill", __doc__, BackfillSettings)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clf_core.label_settings import LabelSettings, parse_date
+    from clf_core.artifact import open_artifact
+    from clf_core.label_settings import BackfillSettings
     from clf_core.labeling import backfill_tag, label_job
     from clf_core.logs import setup_logging
+    from clf_core.registry import resolve_model
     from clf_core.settings import from_args
 
-    setup_logging()
-    try:
-        args = build_parser().parse_args(argv)
-        start, end = parse_date("--start", args.start), parse_date("--end", args.end)
-        if start > end:
-            raise ConfigError(f"--start {args.start} is after --end {args.end}; swap them")
-        settings = from_args(LabelSettings, args).validate()
-        settings = dataclasses.replace(settings, model=resolve_model(settings.model).uri)   # @champion, read once
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=cli.verbose(args))
+
+    def job() -> int:
+        settings = from_args(BackfillSettings, args)
+        start, end = settings.dates()
+        settings = dataclasses.replace(settings.validate(), model=resolve_model(settings.model).uri)  # @champion, once
         artifact = open_artifact(settings.model)
         summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
                             artifact=artifact)
-    except TableError as exc:  # the table exists but cannot be read: a run-time failure
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ClfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return summary.exit_status if summary else 0
+        return summary.exit_status if summary else 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(-1: the threshold the model was trained to, chosen on validation).")
     p.add_argument("--smoke", action="store_true", help="Tiny Mistral backbone and few rows: a test-sized run.")
     p.add_argument("--stop", action="store_true", help="Stop the local S3 endpoint a previous demo left running, and exit.")
+    p.add_argument("--verbose", action="store_true", help="Show the libraries' log lines too (Ray, botocore, ...).")
     return p
 
 

@@ -15,8 +15,8 @@ way: .pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables). Every input par
 is one whose input files changed since it was labeled (a late or rewritten file); `--force`
 relabels the rest too. Each partition is replaced in one Iceberg commit. Exit status 0 when every
 planned partition committed (or a concurrent run committed it), 1 when any failed (each failure
-is named in the summary), 2 for bad arguments. Storage credentials and endpoints come from the
-standard AWS environment.
+is named in the summary, as is an object store that cannot be used), 2 for bad arguments.
+Storage credentials and endpoints come from the standard AWS environment.
 
 Review: rows below the model's review threshold, the least confident `--review-budget` share of
 the run's rows, and a stable `--audit-fraction` sample get needs_review = true and a
@@ -28,24 +28,15 @@ and to partitions labeled earlier alike.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from clf_core.errors import ClfError
-from clf_core.table import TableError
-
-log = logging.getLogger("jobs.label")
+from clf_core import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from clf_core.label_settings import LabelSettings
-    from clf_core.settings import add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.label", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)  # an old --output must not pass for --output-table
-    add_arguments(parser, LabelSettings)
-    return parser
+    return cli.build_parser("python -m jobs.label", __doc__, LabelSettings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,16 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.logs import setup_logging
     from clf_core.settings import from_args
 
-    setup_logging()
-    try:
-        summary = label_job(from_args(LabelSettings, build_parser().parse_args(argv)))
-    except TableError as exc:  # the table exists but cannot be read: a run-time failure
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ClfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return summary.exit_status if summary else 0
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=cli.verbose(args))
+
+    def job() -> int:
+        summary = label_job(from_args(LabelSettings, args))
+        return summary.exit_status if summary else 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

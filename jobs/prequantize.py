@@ -9,44 +9,42 @@ Every scoring actor otherwise reads the 16-bit base (14.5 GB for Mistral-7B) and
 start; the copy is the 4-bit weights as they are (~4 GB). The model's manifest then lists the
 copy's content hash, so a scoring actor accepts exactly that copy and nothing else; approving
 changes no prediction, so the model version stays the same. `--model` must be a local directory
-or an s3:// URI this process may write. Exit status 0 done, 2 bad arguments.
+or an s3:// URI this process may write. Exit status 0 done, 1 the object store cannot be used,
+2 bad arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from clf_core.errors import ClfError
+from clf_core import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.prequantize", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="The published model (artifact) whose backbone to quantize.")
-    parser.add_argument("--output", required=True, help="A new local directory for the 4-bit copy.")
-    parser.add_argument("--device", default=None, help="Quantize on this device (cuda, cpu; default: the "
-                                                       "model's setting). Use the kind that will score.")
-    return parser
+def build_parser():
+    from clf_core.prequantize import PrequantizeSettings
+
+    return cli.build_parser("python -m jobs.prequantize", __doc__, PrequantizeSettings)
 
 
 def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.logs import setup_logging
-    from clf_core.prequantize import approve, prequantize
+    from clf_core.prequantize import PrequantizeSettings, approve, prequantize
+    from clf_core.settings import from_args
 
-    setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        art = open_artifact(args.model)
-        made = prequantize(art.config(), art.manifest["backbone"]["id"], args.output, device=args.device)
-        approve(args.model, args.output)
-    except ClfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"pre-quantized {art.manifest['backbone']['id']} into {args.output} (content sha256 {made['sha256'][:12]}), "
-          f"approved for model {art.model_version}\n  score with: --backbone {args.output}")
-    return 0
+    setup_logging(verbose=cli.verbose(args))
+
+    def job() -> int:
+        settings = from_args(PrequantizeSettings, args).validate()
+        art = open_artifact(settings.model)
+        made = prequantize(art.config(), art.manifest["backbone"]["id"], settings.output, device=settings.device or None)
+        approve(settings.model, settings.output)
+        print(f"pre-quantized {art.manifest['backbone']['id']} into {settings.output} (content sha256 "
+              f"{made['sha256'][:12]}), approved for model {art.model_version}\n  score with: --backbone {settings.output}")
+        return 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

@@ -19,21 +19,15 @@ refused by the gate or by a concurrent promotion (the alias unchanged), 2 bad ar
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from clf_core.errors import ClfError
-from clf_core.table import TableError
+from clf_core import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from clf_core.promotion import PromoteSettings
-    from clf_core.settings import add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.promote", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    add_arguments(parser, PromoteSettings)
-    return parser
+    return cli.build_parser("python -m jobs.promote", __doc__, PromoteSettings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.promotion import PromoteSettings, promote
     from clf_core.settings import from_args
 
-    setup_logging()
-    try:
-        status, report = promote(from_args(PromoteSettings, build_parser().parse_args(argv)))
-    except TableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ClfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report, flush=True)
-    return status
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=cli.verbose(args))
+
+    def job() -> int:
+        status, report = promote(from_args(PromoteSettings, args))
+        print(report, flush=True)
+        return status
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

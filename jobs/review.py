@@ -22,24 +22,17 @@ reviewers fixed most. Exit status 0 done, 1 a table cannot be read, 2 bad argume
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from clf_core.errors import ClfError
-from clf_core.table import TableError
+from clf_core import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     from clf_core.review_commands import ImportSettings, StatsSettings
-    from clf_core.settings import add_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.review", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, settings, text in (("import", ImportSettings, "Import a reviewed file into the corrections table."),
-                                 ("stats", StatsSettings, "What reviewers found, per model version.")):
-        add_arguments(commands.add_parser(name, help=text, description=text, allow_abbrev=False), settings)
-    return parser
+    return cli.build_parser("python -m jobs.review", __doc__, subcommands={
+        "import": ("Import a reviewed file into the corrections table.", (ImportSettings,)),
+        "stats": ("What reviewers found, per model version.", (StatsSettings,))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,20 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.review_commands import ImportSettings, StatsSettings, import_review, review_stats
     from clf_core.settings import from_args
 
-    setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+    setup_logging(verbose=cli.verbose(args))
+
+    def job() -> int:
         if args.command == "import":
             print(import_review(from_args(ImportSettings, args)))
         else:
             print(review_stats(from_args(StatsSettings, args)))
-    except TableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ClfError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return cli.run(job)
 
 
 if __name__ == "__main__":

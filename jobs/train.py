@@ -25,19 +25,19 @@ import argparse
 import logging
 import sys
 
+from clf_core import cli
 from clf_core.config import ClassifierConfig, add_config_arguments
 from clf_core.errors import ClfError
 from clf_core.logs import setup_logging
-from clf_core.settings import add_arguments, from_args
+from clf_core.settings import from_args
 from clf_core.train_job import TrainJobSettings, run
 
 log = logging.getLogger("jobs.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, TrainJobSettings)
+    p = cli.build_parser("python -m jobs.train", __doc__, TrainJobSettings,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_argument_group("the model and its recipe (fields of clf_core.config.ClassifierConfig)")
     model.add_argument("--config", help="YAML config (sections model/lora/data/train/review); the flags below "
                                         "override it.")
@@ -70,15 +70,15 @@ def config_from_args(args: argparse.Namespace) -> ClassifierConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
     args = build_parser().parse_args(argv)
+    setup_logging(verbose=cli.verbose(args))
     try:
         settings = from_args(TrainJobSettings, args)   # checked by run(), with the data, before Ray starts
         cfg = config_from_args(args)
     except ClfError as exc:
         log.error("%s", exc)
         return 2
-    return run(settings, cfg)
+    return cli.run(lambda: run(settings, cfg))
 
 
 if __name__ == "__main__":

@@ -476,14 +476,14 @@ def test_backfill_time_travel_rollback_and_expiry(ray_cluster, s3_bucket, iceber
 
     # Rollback in one command; the table reads as before, and its records with it: the backfill
     # would run again.
-    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--table", table_name, "--to", tags[0]]) == 0
+    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--output-table", table_name, "--to", tags[0]]) == 0
     pd.testing.assert_frame_equal(read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True),
                                   before, check_dtype=False)
     capsys.readouterr()
     assert backfill.main(job_args(second_artifact, src, iceberg_catalog, table_name, cache,
                                   "--start", DAYS[0], "--end", DAYS[0], "--dry-run")) == 0
     assert "would label 1 partition(s)" in capsys.readouterr().out
-    assert table_job.main(["history", "--catalog", iceberg_catalog, "--table", table_name]) == 0
+    assert table_job.main(["history", "--catalog", iceberg_catalog, "--output-table", table_name]) == 0
     assert tags[0] in capsys.readouterr().out
 
     # Expiry: everything but the current snapshot (the tag goes too: its cutoff passed). The files
@@ -495,7 +495,7 @@ def test_backfill_time_travel_rollback_and_expiry(ray_cluster, s3_bucket, iceber
     data_dir = table.location().split("://", 1)[1] + "/data"
     on_disk = {"s3://" + p for p in fs.find(data_dir)}
     assert live < on_disk, "the backfill's files should still be stored before expiry"
-    assert table_job.main(["expire", "--catalog", iceberg_catalog, "--table", table_name, "--older-than", "0s"]) == 0
+    assert table_job.main(["expire", "--catalog", iceberg_catalog, "--output-table", table_name, "--older-than", "0s"]) == 0
     assert "removed tags ['backfill-" in capsys.readouterr().out
     table = open_table(iceberg_catalog, table_name).table
     assert len(table.snapshots()) == 1 and not [n for n in table.refs() if n != "main"]
@@ -664,7 +664,7 @@ def test_a_crash_during_the_write_leaves_nothing_partial_and_a_rerun_completes(r
     fs.invalidate_cache()
     stored = {"s3://" + p for p in fs.find(data_dir)}
     assert stored - live, "the crashed run left no data file behind; the orphan check proved nothing"
-    assert table_job.main(["remove-orphans", "--catalog", iceberg_catalog, "--table", table_name,
+    assert table_job.main(["remove-orphans", "--catalog", iceberg_catalog, "--output-table", table_name,
                            "--older-than", "0s"]) == 0
     fs.invalidate_cache()
     assert {"s3://" + p for p in fs.find(data_dir)} == live
@@ -761,7 +761,7 @@ def test_compact_cache_command_bounds_the_files_and_keeps_every_entry(tmp_path, 
         cache.append(pd.DataFrame({"text": [f"Account {run}-{i}" for i in range(1000)], "label": "Expense",
                                    "confidence": 0.9}), f"run{run}")
     assert table_job.main(["compact-cache", "--cache", str(tmp_path / "cache"), "--model-version", "v123",
-                           "--file-mb", "1"]) == 0
+                           "--cache-file-mb", "1"]) == 0
     assert "5 file(s) -> 1, 5000 entries" in capsys.readouterr().out
     assert len(cache.files()) == 1 and len(cache.load()) == 5000
     assert table_job.main(["compact-cache", "--cache", str(tmp_path / "cache"), "--model-version", "v999"]) == 2
@@ -857,7 +857,7 @@ def test_unreadable_table_metadata_is_named_and_exits_1(iceberg_catalog, table_n
     err = capsys.readouterr().err
     assert f"cannot read table {table_name} of catalog '{iceberg_catalog}': its metadata file {metadata}" in err
     assert "Nothing was labeled" in err and "Traceback" not in err
-    assert table_job.main(["history", "--catalog", iceberg_catalog, "--table", table_name]) == 1
+    assert table_job.main(["history", "--catalog", iceberg_catalog, "--output-table", table_name]) == 1
     assert metadata in capsys.readouterr().err
 
 

@@ -436,7 +436,7 @@ def test_reviewers_answers_reach_new_rows_earlier_partitions_and_survive_rollbac
     head = LabeledTable(iceberg_catalog, table_name).table
     before_latest = commits(iceberg_catalog, table_name)[f"dt={DAYS[0]}"].snapshot_id
     parent = head.metadata.snapshot_by_id(before_latest).parent_snapshot_id
-    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--table", table_name, "--to", str(parent)]) == 0
+    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--output-table", table_name, "--to", str(parent)]) == 0
     capsys.readouterr()
     head = LabeledTable(iceberg_catalog, table_name).table
     head.delete(f"dt = '{DAYS[1]}'")

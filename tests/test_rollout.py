@@ -257,6 +257,6 @@ def test_shadow_comparison_and_backfill_report_match_the_table(ray_cluster, s3_b
     report = storage.read_text(f"{labeled.table.location()}/reports/{tag}.md")
     assert f"rows whose label changed: **{len(moved):,}**" in report
     # a rollback to the tag undoes the backfill and its report snapshot
-    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--table", table_name, "--to", tag]) == 0
+    assert table_job.main(["rollback", "--catalog", iceberg_catalog, "--output-table", table_name, "--to", tag]) == 0
     pd.testing.assert_frame_equal(read_labeled(iceberg_catalog, table_name).sort_values("row_id").reset_index(drop=True),
                                   current.sort_values("row_id").reset_index(drop=True), check_dtype=False)

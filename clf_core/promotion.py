@@ -41,7 +41,8 @@ class PromoteSettings:
     registry: str = setting("The model registry (local folder or s3://) that jobs.train --registry published to.",
                             default="")
     name: str = setting("The model's name in the registry (jobs.train --name).", default="")
-    candidate: str = setting("The version to promote (v...: jobs.train prints it).", default="")
+    candidate: str = setting("The version to promote (v...: jobs.train prints it), or `latest`: the one published last.",
+                             default="")
     alias: str = setting("The alias to move.", default=CHAMPION)
     rollback: bool = setting("Point the alias back at the champion before the current one (no gate).", default=False)
     eval_data: str = setting("Labeled CSV/Parquet the team keeps for this check (local or s3://): both models are "

@@ -105,11 +105,23 @@ def names(registry: str) -> list[str]:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
 
 
+def latest(registry: str, name: str) -> str | None:
+    """The version published last (by its manifest's created_at), None if none."""
+    found = []
+    for version in versions(registry, name):
+        manifest = json.loads(storage.read_text(storage.join(version_uri(registry, name, version), "manifest.json")))
+        found.append((manifest.get("created_at", ""), version))
+    return max(found)[1] if found else None
+
+
 def check_version(registry: str, name: str, version: str, flag: str = "--candidate") -> str:
-    """The artifact URI of a published version, or a ClfError naming what the registry holds."""
+    """The artifact URI of a published version (`latest`: the one published last), or a ClfError
+    naming what the registry holds."""
     if not names(registry) or name not in names(registry):
         raise ClfError(f"registry {registry} holds no model named {name!r} (names: {', '.join(names(registry)) or 'none'}); "
                        f"publish one with python -m jobs.train --registry {registry} --name {name}")
+    if version == "latest":
+        version = latest(registry, name) or version
     published = versions(registry, name)
     if version not in published:
         raise ClfError(f"{flag} {version!r}: not a published version of {registry}/{name} (versions: "

@@ -102,15 +102,18 @@ class OrphanSettings(TableSettings):
 @dataclass
 class CompactCacheSettings:
     cache: str = setting("The label cache the jobs use (--cache of jobs.label).", default="")
-    model_version: str = setting("The model version whose entries to compact (v...).", default="")
+    model_version: str = setting("The model version whose entries to compact (v...), or --model.", default="")
+    model: str = setting("Or the model, as for jobs.label (REGISTRY/NAME@champion or an artifact): its version.",
+                         default="")
     cache_file_mb: int = setting("Target size of a compacted file, in MB of memory (as jobs.label's --cache-file-mb).",
                                  at_least=1, default=256)
 
     def validate(self) -> "CompactCacheSettings":
         problems = bound_problems(self)
-        for flag, value in (("--cache", self.cache), ("--model-version", self.model_version)):
-            if not value.strip():
-                problems.append(f"{flag} is required")
+        if not self.cache.strip():
+            problems.append("--cache is required")
+        if bool(self.model_version.strip()) == bool(self.model.strip()):
+            problems.append("give --model-version or --model (one of them)")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
         return self
@@ -137,7 +140,9 @@ def history(labeled: LabeledTable, limit: int = 50) -> list[dict]:
             "snapshot_id": snapshot.snapshot_id,
             "committed_at": datetime.fromtimestamp(snapshot.timestamp_ms / 1000, timezone.utc).isoformat(timespec="seconds"),
             "operation": str(snapshot.summary.operation.value) if snapshot.summary else "",
-            "partition": summary.get(PREFIX + "partition", ""), "run_id": summary.get(PREFIX + "run-id", ""),
+            "partition": summary.get(PREFIX + "partition", "") or (
+                f"report {summary[PREFIX + 'backfill-tag']}" if PREFIX + "backfill-tag" in summary else ""),
+            "run_id": summary.get(PREFIX + "run-id", ""),
             "model_version": summary.get(PREFIX + "model-version", ""),
             "added_records": int(summary.get("added-records", 0)), "deleted_records": int(summary.get("deleted-records", 0)),
             "tags": sorted(tags.get(snapshot.snapshot_id, [])),
@@ -148,7 +153,8 @@ def history(labeled: LabeledTable, limit: int = 50) -> list[dict]:
 
 
 def resolve_snapshot(labeled: LabeledTable, ref: str) -> int:
-    """A tag or branch name, or a snapshot id, -> the snapshot id (a ClfError naming what exists)."""
+    """A tag or branch name, the start of exactly one tag's name (e.g. a backfill's tag without
+    its model version), or a snapshot id -> the snapshot id (a ClfError naming what exists)."""
     table = labeled.table
     table.refresh()
     if ref in table.metadata.refs:
@@ -156,6 +162,12 @@ def resolve_snapshot(labeled: LabeledTable, ref: str) -> int:
     if ref.lstrip("-").isdigit() and table.metadata.snapshot_by_id(int(ref)) is not None:
         return int(ref)
     tags = sorted(n for n in table.metadata.refs if n != "main")
+    starting = [n for n in tags if n.startswith(ref)] if ref else []
+    if len(starting) == 1:
+        return table.metadata.refs[starting[0]].snapshot_id
+    if len(starting) > 1:
+        raise ClfError(f"--to {ref!r} starts the names of several tags of {labeled.identifier}: "
+                       f"{', '.join(starting)}; give one in full")
     raise ClfError(f"--to {ref!r} is neither a tag nor a snapshot id of {labeled.identifier}. Tags: "
                    f"{', '.join(tags) or 'none'}; snapshot ids: `python -m jobs.table history`.")
 

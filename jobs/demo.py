@@ -37,7 +37,8 @@ log = logging.getLogger("jobs.demo")
 
 BUCKET = "ledger-demo"
 FIRST_NIGHT = date(2026, 11, 1)
-CATALOG, TABLE, CORRECTIONS = "demo", "ledgers.labeled_lines", "ledgers.corrections"
+# The names the README's examples and the cluster use: after `source runs/demo/env.sh` they run as written.
+CATALOG, TABLE, CORRECTIONS = "ledgers", "ledgers.labeled_lines", "ledgers.corrections"
 NAME = "income-expense"
 EVAL_SHARE = 0.15       # of the labeled sample, held out as the team's evaluation file for promotions
 # The gate's tolerance: on ~170 evaluation rows one row moves macro-F1 by about 0.01.
@@ -87,7 +88,32 @@ def write_catalog_config(workdir: Path, s3) -> dict[str, str]:
                               "s3.secret-access-key": s3.secret_access_key, "s3.region": "us-east-1"})
     lines = ["catalog:", f"  {CATALOG}:"] + [f"    {k}: {v}" for k, v in yaml_settings.items()]
     (workdir / ".pyiceberg.yaml").write_text("\n".join(lines) + "\n")
+    write_env(workdir, s3)
     return settings
+
+
+def write_env(workdir: Path, s3) -> Path:
+    """env.sh: `source` it and a new shell talks to this demo as the README's commands expect: the
+    venv, the catalog (PYICEBERG_HOME: its .pyiceberg.yaml), the S3 endpoint. Only the local
+    endpoint's dummy keys are written down; with an endpoint of your own, keys stay where they are."""
+    venv = Path(sys.executable).parent
+    lines = ["# source this file: the demo's venv, catalog `ledgers` and S3 endpoint, for the README's commands",
+             f"source {venv / 'activate'}" if (venv / "activate").exists() else f"export PATH={venv}:$PATH",
+             f"export PYICEBERG_HOME={workdir}", "export HF_HUB_OFFLINE=1",
+             "export POLARS_ICEBERG_PLANNER=pyiceberg   # polars plans Iceberg scans with pyiceberg (no plugin)"]
+    if s3:
+        lines += [f"export {key}={value}" for key, value in s3.env.items()]
+    elif os.environ.get("AWS_ENDPOINT_URL"):
+        lines.append(f"export AWS_ENDPOINT_URL={os.environ['AWS_ENDPOINT_URL']}")
+    target = workdir / "env.sh"
+    target.write_text("\n".join(lines) + "\n")
+    return target
+
+
+def shown(path: Path) -> str:
+    """A path as a person types it: relative to the current folder when inside it."""
+    relative = os.path.relpath(path)
+    return path.as_posix() if relative.startswith("..") else relative
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,12 +353,12 @@ def rows_with_answers(corrected: set[str]) -> int:
 
 
 def snippet(workdir: Path) -> list[str]:
-    """Three lines that read the labeled table with plain pyiceberg, as a user would."""
+    """Two lines that read the labeled table with plain pyiceberg from a new shell, as a user would."""
     code = (f"from pyiceberg.catalog import load_catalog; df = load_catalog('{CATALOG}').load_table('{TABLE}')"
-            f".scan().to_pandas(); print(len(df), 'rows'); print(df[['dt', 'texts', 'label', 'confidence', "
+            f".scan().to_pandas(); print(len(df), 'rows'); print(df[['dt', 'texts', 'label', 'label_source', "
             f"'needs_review']].head(8).to_string())")
-    return [f"cd {workdir}", "export PYICEBERG_HOME=$PWD   # .pyiceberg.yaml here: the SQLite catalog + the local S3 endpoint",
-            f'{sys.executable} -c "{code}"']
+    return [f"source {shown(workdir / 'env.sh')}   # the venv, catalog `ledgers`, the local S3 endpoint",
+            f'python -c "{code}"']
 
 
 def summarize(local: Path, workdir: Path, first, second, third, corrected: set[str], relabeled, seconds: float) -> None:
@@ -367,8 +393,8 @@ def summarize(local: Path, workdir: Path, first, second, third, corrected: set[s
         print(f"  {line}")
     print(f"  review files ({len(reviews)}): {reviews[0].parent if reviews else '-'}/<partition>.csv")
     print(f"total {seconds:.0f}s")
-    print("\n=== read the labeled table with pyiceberg (the local S3 endpoint stays up until "
-          "`python -m jobs.demo --stop`):")
+    print(f"\n=== from a new shell, `source {shown(workdir / 'env.sh')}` and every command in the README runs against "
+          f"this demo (its local S3 endpoint stays up until `python -m jobs.demo --stop`); e.g. the table with pyiceberg:")
     for line in snippet(workdir):
         print(line)
 

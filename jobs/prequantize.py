@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.logs import setup_logging
     from clf_core.prequantize import PrequantizeSettings, approve, prequantize
+    from clf_core.registry import resolve_model
     from clf_core.settings import from_args
 
     args = build_parser().parse_args(argv)
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         settings = from_args(PrequantizeSettings, args).validate()
+        settings.model = resolve_model(settings.model).uri   # REGISTRY/NAME@champion: that version
         art = open_artifact(settings.model)
         made = prequantize(art.config(), art.manifest["backbone"]["id"], settings.output, device=settings.device or None)
         approve(settings.model, settings.output)

@@ -57,9 +57,15 @@ def compact_cache(settings: CompactCacheSettings) -> int:
     from clf_core.label_cache import LabelCache
 
     settings.validate()
-    cache = LabelCache(settings.cache, settings.model_version)
+    version = settings.model_version
+    if settings.model:
+        from clf_core.artifact import open_artifact
+        from clf_core.registry import resolve_model
+
+        version = open_artifact(resolve_model(settings.model).uri).model_version
+    cache = LabelCache(settings.cache, version)
     if not cache.files():
-        raise ClfError(f"--cache {settings.cache} has no files for model version {settings.model_version!r}")
+        raise ClfError(f"--cache {settings.cache} has no files for model version {version!r}")
     done = cache.compact(settings.cache_file_mb * 1024 ** 2)
     print(f"label cache {cache.uri}: {done.files_before} file(s) -> {done.files_after}, {done.entries} entries, "
           f"{done.seconds:.1f}s")

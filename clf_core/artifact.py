@@ -47,6 +47,10 @@ from clf_core.errors import ArtifactError, ClfError
 
 log = logging.getLogger(__name__)
 
+# The review threshold of a model published before thresholds were chosen on validation (its
+# manifest has no `review` section): rows it scores below this confidence go to review.
+LEGACY_REVIEW_THRESHOLD = 0.9
+
 FORMAT = "clf-artifact/2"
 FORMATS = {"clf-artifact/1": 1, "clf-artifact/2": 2}
 MANIFEST = "manifest.json"
@@ -192,6 +196,11 @@ class Artifact:
     manifest: dict
 
     @property
+    def review_threshold(self) -> float:
+        """The threshold the model was published with (LEGACY_REVIEW_THRESHOLD without one)."""
+        return float(self.manifest.get("review", {}).get("threshold", LEGACY_REVIEW_THRESHOLD))
+
+    @property
     def model_version(self) -> str:
         return self.manifest["model_version"]
 
@@ -255,7 +264,7 @@ def check_manifest_keys(root: Path, manifest: dict) -> None:
         raise ArtifactError(f"{root / MANIFEST}: config section(s) {bad_sections} do not hold settings "
                             f"(model, lora, data, train are mappings). Re-publish the model.")
     temperature = manifest.get("calibration", {}).get("temperature", 1.0)
-    threshold = manifest.get("review", {}).get("threshold", 0.5)
+    threshold = manifest.get("review", {}).get("threshold", LEGACY_REVIEW_THRESHOLD)
     if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
         raise ArtifactError(f"{root / MANIFEST}: calibration.temperature = {temperature!r} is not a positive number. "
                             f"Re-publish the model.")

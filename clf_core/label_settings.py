@@ -143,16 +143,11 @@ def parse_date(flag: str, value: str) -> date:
         raise ConfigError(f"{flag} {value!r}: not a calendar date ({exc}); use YYYY-MM-DD") from exc
 
 
-# Models published before the review threshold was chosen on validation flag rows below this.
-LEGACY_REVIEW_THRESHOLD = 0.9
-
-
 def review_threshold(settings: LabelSettings, artifact=None) -> float:
     """--review-threshold, or the threshold the model (`artifact`, opened from --model if not
-    given) was published with (LEGACY_REVIEW_THRESHOLD for older models)."""
+    given) was published with (clf_core.artifact.LEGACY_REVIEW_THRESHOLD for older models)."""
     if settings.review_threshold >= 0:
         return settings.review_threshold
     from clf_core.artifact import open_artifact
 
-    artifact = artifact or open_artifact(settings.model)
-    return float(artifact.manifest.get("review", {}).get("threshold", LEGACY_REVIEW_THRESHOLD))
+    return (artifact or open_artifact(settings.model)).review_threshold

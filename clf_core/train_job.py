@@ -417,7 +417,7 @@ def published_summary(output: str, checkpoints: str, seconds: float) -> str:
         *used,
         f"  held-out test: macro-F1 {test['macro_f1']:.4f}  accuracy {test['accuracy']:.4f}  ({test['rows']} rows)",
         f"  confidence calibrated (temperature {manifest.get('calibration', {}).get('temperature', 1.0):.3f}); "
-        f"review threshold {review.get('threshold', 0.9):.3f} ({review.get('goal')} {review.get('value')})",
+        f"review threshold {artifact.review_threshold:.3f} ({review.get('goal')} {review.get('value')})",
         f"  report: {storage.join(output, 'report.md')} (confusion_matrix.png, curves.png, reliability.png, "
         f"risk_coverage.png)",
         f"  checkpoints: {checkpoints}",

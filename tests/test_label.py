@@ -200,13 +200,27 @@ def test_scorer_adds_what_it_scores_to_the_cache_and_the_labeler_holds_only_the_
     assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
 
 
-def test_the_review_threshold_is_the_models_unless_overridden(tiny_artifact):
+def test_the_review_threshold_is_the_models_unless_overridden(tiny_artifact, tmp_path):
+    import json
+    import shutil
+
+    from clf_core.artifact import LEGACY_REVIEW_THRESHOLD, compute_model_version
+
     published = open_artifact(tiny_artifact).manifest["review"]["threshold"]
     base = {"model": tiny_artifact, "input": "in", "catalog": "c", "output_table": "ns.t", "cache": "c1"}
-    assert review_threshold(LabelSettings(**base)) == published
+    assert review_threshold(LabelSettings(**base)) == published != LEGACY_REVIEW_THRESHOLD
     assert review_threshold(LabelSettings(**base, review_threshold=0.42)) == 0.42
     with pytest.raises(ConfigError, match="--review-threshold 1.5: must be within"):
         LabelSettings(**base, review_threshold=1.5).validate()
+    # a model published before thresholds were chosen on validation: its manifest has no `review`
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_artifact, legacy)
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    del manifest["review"]
+    manifest["model_version"] = compute_model_version(manifest)
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    assert open_artifact(str(legacy)).review_threshold == LEGACY_REVIEW_THRESHOLD == 0.9
+    assert review_threshold(LabelSettings(**{**base, "model": str(legacy)})) == LEGACY_REVIEW_THRESHOLD
 
 
 def test_arguments_are_checked_before_any_work(capsys, tmp_path):

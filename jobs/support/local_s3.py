@@ -26,6 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def moto_server_executable() -> str:
+    """The moto_server installed beside this Python (the venv's: the one pyproject's `local` extra installs);
+    one on PATH only where there is none (a moto installed globally, say). Not the resolved
+    interpreter's folder: a venv's python is a link to the system's."""
+    beside = Path(sys.executable).with_name("moto_server")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("moto_server")
+    if found:
+        return found
+    raise RuntimeError(f"no moto_server beside {sys.executable} nor on PATH: install it with "
+                       f"`{sys.executable} -m pip install 'moto[server]'`")
+
+
 class LocalS3:
     def __init__(self, port: int | None = None, log_path: str | Path | None = None,
                  access_key_id: str = "local-test-key", secret_access_key: str = "local-test-secret"):
@@ -49,7 +63,7 @@ class LocalS3:
         }
 
     def start(self, timeout_s: float = 30.0) -> "LocalS3":
-        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        exe = moto_server_executable()
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # Binds to loopback only: nothing outside this machine can reach it.
         self.process = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=out, stderr=out,

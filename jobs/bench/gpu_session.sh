@@ -17,7 +17,7 @@
 # `stage` prints the exact calls for the parts it made. Steps run in the order given.
 #
 # Why parts: one call carries at most 64 MiB (the working tree included), and the wheels are about
-# 250 MB (ray's alone is 79 MB, so it is cut with `split -b` and joined again, checked by sha256).
+# 250 MB, estimated (ray's alone is 79 MB, so it is cut with `split -b` and joined again, checked by sha256).
 # Versions are the ones this project is tested with; transformers is 5.24.0, the release that ran
 # on the device image's huggingface_hub (2026-11-29); the image's torch, accelerate, pandas,
 # pyarrow, scipy, scikit-learn, aiohttp, grpcio, protobuf... are used as they are there.

@@ -49,6 +49,15 @@ def verbose(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "verbose", False))
 
 
+def main(parser: argparse.ArgumentParser, argv: list[str] | None, job: Callable[[argparse.Namespace], int]) -> int:
+    """A job's `main`: parse, set up logging (quiet unless --verbose), run `job(args)` through `run`."""
+    from clf_core.logs import setup_logging
+
+    args = parser.parse_args(argv)
+    setup_logging(verbose=verbose(args))
+    return run(lambda: job(args))
+
+
 def run(body: Callable[[], int]) -> int:
     """Run a job's body; return its exit status. A bad input (ClfError) is 2; a table that cannot
     be read, or an object store that cannot be used, is 1 and says which; a closed pipe (`| head`)

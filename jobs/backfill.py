@@ -31,27 +31,24 @@ def build_parser():
     return cli.build_parser("python -m jobs.backfill", __doc__, BackfillSettings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def backfill(args) -> int:
     from clf_core.artifact import open_artifact
     from clf_core.label_settings import BackfillSettings
     from clf_core.labeling import backfill_tag, label_job
-    from clf_core.logs import setup_logging
     from clf_core.registry import resolve_model
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
+    settings = from_args(BackfillSettings, args)
+    start, end = settings.dates()
+    settings = dataclasses.replace(settings.validate(), model=resolve_model(settings.model).uri)  # @champion, once
+    artifact = open_artifact(settings.model)
+    summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
+                        artifact=artifact)
+    return summary.exit_status if summary else 0
 
-    def job() -> int:
-        settings = from_args(BackfillSettings, args)
-        start, end = settings.dates()
-        settings = dataclasses.replace(settings.validate(), model=resolve_model(settings.model).uri)  # @champion, once
-        artifact = open_artifact(settings.model)
-        summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
-                            artifact=artifact)
-        return summary.exit_status if summary else 0
 
-    return cli.run(job)
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, backfill)
 
 
 if __name__ == "__main__":

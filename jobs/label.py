@@ -39,20 +39,17 @@ def build_parser():
     return cli.build_parser("python -m jobs.label", __doc__, LabelSettings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def label(args) -> int:
     from clf_core.label_settings import LabelSettings
     from clf_core.labeling import label_job
-    from clf_core.logs import setup_logging
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
+    summary = label_job(from_args(LabelSettings, args))
+    return summary.exit_status if summary else 0
 
-    def job() -> int:
-        summary = label_job(from_args(LabelSettings, args))
-        return summary.exit_status if summary else 0
 
-    return cli.run(job)
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, label)
 
 
 if __name__ == "__main__":

@@ -26,27 +26,24 @@ def build_parser():
     return cli.build_parser("python -m jobs.prequantize", __doc__, PrequantizeSettings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def quantize(args) -> int:
     from clf_core.artifact import open_artifact
-    from clf_core.logs import setup_logging
     from clf_core.prequantize import PrequantizeSettings, approve, prequantize
     from clf_core.registry import resolve_model
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
+    settings = from_args(PrequantizeSettings, args).validate()
+    settings.model = resolve_model(settings.model).uri   # REGISTRY/NAME@champion: that version
+    art = open_artifact(settings.model)
+    made = prequantize(art.config(), art.manifest["backbone"]["id"], settings.output, device=settings.device or None)
+    approve(settings.model, settings.output)
+    print(f"pre-quantized {art.manifest['backbone']['id']} into {settings.output} (content sha256 "
+          f"{made['sha256'][:12]}), approved for model {art.model_version}\n  score with: --backbone {settings.output}")
+    return 0
 
-    def job() -> int:
-        settings = from_args(PrequantizeSettings, args).validate()
-        settings.model = resolve_model(settings.model).uri   # REGISTRY/NAME@champion: that version
-        art = open_artifact(settings.model)
-        made = prequantize(art.config(), art.manifest["backbone"]["id"], settings.output, device=settings.device or None)
-        approve(settings.model, settings.output)
-        print(f"pre-quantized {art.manifest['backbone']['id']} into {settings.output} (content sha256 "
-              f"{made['sha256'][:12]}), approved for model {art.model_version}\n  score with: --backbone {settings.output}")
-        return 0
 
-    return cli.run(job)
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, quantize)
 
 
 if __name__ == "__main__":

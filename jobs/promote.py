@@ -30,20 +30,17 @@ def build_parser():
     return cli.build_parser("python -m jobs.promote", __doc__, PromoteSettings)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from clf_core.logs import setup_logging
-    from clf_core.promotion import PromoteSettings, promote
+def promote(args) -> int:
+    from clf_core.promotion import PromoteSettings, promote as promote_model
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
+    status, report = promote_model(from_args(PromoteSettings, args))
+    print(report, flush=True)
+    return status
 
-    def job() -> int:
-        status, report = promote(from_args(PromoteSettings, args))
-        print(report, flush=True)
-        return status
 
-    return cli.run(job)
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, promote)
 
 
 if __name__ == "__main__":

@@ -35,22 +35,19 @@ def build_parser():
         "stats": ("What reviewers found, per model version.", (StatsSettings,))})
 
 
-def main(argv: list[str] | None = None) -> int:
-    from clf_core.logs import setup_logging
+def review(args) -> int:
     from clf_core.review_commands import ImportSettings, StatsSettings, import_review, review_stats
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
+    if args.command == "import":
+        print(import_review(from_args(ImportSettings, args)))
+    else:
+        print(review_stats(from_args(StatsSettings, args)))
+    return 0
 
-    def job() -> int:
-        if args.command == "import":
-            print(import_review(from_args(ImportSettings, args)))
-        else:
-            print(review_stats(from_args(StatsSettings, args)))
-        return 0
 
-    return cli.run(job)
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(build_parser(), argv, review)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,10 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from clf_core.logs import setup_logging
     from clf_core.settings import from_args
 
-    args = build_parser().parse_args(argv)
-    setup_logging(verbose=cli.verbose(args))
-    settings = from_args(COMMANDS[args.command][1][0], args)
-    return cli.run(lambda: COMMAND_RUNS[args.command](settings))
+    return cli.main(build_parser(), argv,
+                    lambda args: COMMAND_RUNS[args.command](from_args(COMMANDS[args.command][1][0], args)))
 
 
 def compact_cache(settings: CompactCacheSettings) -> int:

@@ -468,7 +468,7 @@ def merge_lora_for_scoring(model, hw: Hardware) -> int:
     with torch.no_grad():
         for name, module in layers:
             base = module.get_base_layer()
-            weight = dequantize_module_weight(base).to(torch.float32)
+            weight = dequantize_module_weight(base).to(torch.float32, copy=True)
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
                     weight += module.get_delta_weight(adapter).to(torch.float32)

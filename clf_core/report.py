@@ -124,8 +124,8 @@ def reliability_figure(calibration: dict):
         labels.append(line.get_label())
     ax.set_xlabel("confidence (mean of the bin)")
     ax.set_ylabel("accuracy")
-    ax.set_xlim(0.45, 1.01)
-    ax.set_ylim(0.0, 1.02)
+    ax.set_xlim(0.45, 1.02)   # margins: a bin at accuracy 0 or 1 keeps its whole marker
+    ax.set_ylim(-0.05, 1.07)
     fig.legend(handles, labels, handler_map={tuple: HandlerTuple(ndivide=None)}, ncol=1, **LEGEND)
     ax.set_title(f"reliability, held-out split (temperature {calibration['temperature']:.2f})\n"
                  f"marker area and numbers: rows in the bin", fontsize=10)

@@ -177,8 +177,10 @@ class _NoticeFilter(logging.Filter):
 
 
 def _drop_notices_at(logger: logging.Logger) -> None:
+    """On the logger's console handlers only: Ray Data's own log file (ray-data.log) keeps them."""
     for handler in logger.handlers:
-        if not any(isinstance(f, _NoticeFilter) for f in handler.filters):
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _NoticeFilter) for f in handler.filters):
             handler.addFilter(_NoticeFilter())
 
 

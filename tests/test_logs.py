@@ -4,6 +4,7 @@ ensure_ray gives them, and ray.init is replaced by a recorder."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import os
@@ -127,6 +128,19 @@ def test_in_a_ray_train_worker_its_console_handler_is_filtered_not_doubled(capsy
     logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
     console = capsys.readouterr().err
     assert console.count("epoch 1/3") == 1 and "Found credentials" not in console
+
+
+def test_ray_datas_own_console_handler_drops_the_progress_bar_notice_only(capsys):
+    """Ray Data prints through a console handler of its own (its logger does not propagate to
+    ours); labeling calls quiet_libraries() again after importing ray.data."""
+    importlib.import_module("ray.data")   # configures the "ray.data" logger and its handlers
+
+    setup_logging(verbose=False)
+    logging.getLogger("ray.data._internal.progress").warning(
+        "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.")
+    logging.getLogger("ray.data._internal.execution").warning("a real Ray Data warning")
+    console = capsys.readouterr().err
+    assert "Progress bars disabled" not in console and "a real Ray Data warning" in console
 
 
 def test_quiet_ray_console_settings(monkeypatch):

@@ -41,6 +41,9 @@ class LabelSettings:
                                     at_least=0, hint="1 = one T4 per actor", default=0.0)
     batch_size: int = setting("Texts per model forward pass (bounds the activations' GPU memory).",
                               at_least=1, default=64)
+    compile: str = setting("Compile the scoring actors' forward pass: auto (the model's model.compile: on CUDA "
+                           "only), on, off. Compiled graphs are cached on the node, so a second actor starts fast.",
+                           default="auto")
     rows_per_call: int = setting("Distinct texts handed to a scoring actor per call. The actor sorts them by "
                                  "token length before cutting forward batches, so a larger call pads less "
                                  "(64 per call ran at half the speed of 1024 on CPU); each call is also one "
@@ -101,6 +104,8 @@ class LabelSettings:
             problems.append(f"--cache {self.cache!r} is the same as --input; keep the label cache apart")
         if not self.text_column:
             problems.append("--text-column must name a column")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"--compile {self.compile!r}: use auto, on or off")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.partition_key or ""):
             problems.append(f"--partition-key {self.partition_key!r}: use a column-like name such as dt")
         if self.text_column in OUTPUT_COLUMNS:

@@ -390,7 +390,8 @@ def score_misses(looked_up: LookedUp, settings: LabelSettings, run_id: str) -> S
             fn_constructor_kwargs={"model": settings.model, "cache": settings.cache, "run_id": run_id,
                                    "batch_size": settings.batch_size,
                                    "device": "cuda" if settings.gpus_per_actor > 0 else "cpu",
-                                   "backbone": settings.backbone or None})
+                                   "backbone": settings.backbone or None,
+                                   "compile": None if settings.compile == "auto" else settings.compile})
         for bundle in scored.iter_internal_ref_bundles():
             scores.run_labels += bundle.block_refs
             scores.scored += bundle.num_rows()

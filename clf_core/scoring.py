@@ -182,7 +182,7 @@ class TextScorer:
     """
 
     def __init__(self, model: str, cache: str, run_id: str, batch_size: int = 64, device: str | None = None,
-                 backbone: str | None = None):
+                 backbone: str | None = None, compile: str | None = None):
         import torch  # in the actor, not the driver
 
         from clf_core.logs import setup_logging
@@ -190,7 +190,7 @@ class TextScorer:
 
         setup_logging()  # this process is a Ray worker: its INFO lines reach the job's log
         started = time.monotonic()
-        self.predictor = Predictor.load(model, device=device, batch_size=batch_size, backbone=backbone)
+        self.predictor = Predictor.load(model, device=device, batch_size=batch_size, backbone=backbone, compile=compile)
         self.cache = LabelCache(cache, self.predictor.model_version)
         self.run_id = run_id
         log.info("scorer ready in %.1fs: model %s on %s, %d torch threads", time.monotonic() - started,

@@ -337,6 +337,8 @@ def torch_trainer(job: WorkerJob, *, name: str, checkpoints: str, use_gpu: bool 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from clf_core.runtime import train_logging_config
+
     # Checkpoints go through the same fsspec filesystem as everything else we store (s3fs for
     # s3://): one storage layer, one set of credentials and endpoint rules. Arrow's own S3 client
     # uploads even tiny marker files as multipart, which some S3-compatible stores reject.
@@ -353,7 +355,8 @@ def torch_trainer(job: WorkerJob, *, name: str, checkpoints: str, use_gpu: bool 
                                      resources_per_worker={"CPU": job.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+                             logging_config=train_logging_config()),  # its worker-group lines only with --verbose
     )
 
 

@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from clf_core.logs import setup_logging
     from jobs.support.sample_ledgers import write_nights
 
-    setup_logging()
     args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose)
     workdir = Path(args.workdir).resolve()
     if args.stop:
         print("stopped the local S3 endpoint" if stop_local_s3(workdir) else f"no local S3 endpoint of a demo in {workdir}")
@@ -138,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_local_s3(workdir)
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    # every log record from INFO, the libraries' included, in a file (the console shows our own)
+    setup_logging(verbose=args.verbose, log_file=workdir / "demo.log")
+    print(f"log: {shown(workdir / 'demo.log')}")
 
     s3 = None
     if os.environ.get("AWS_ENDPOINT_URL"):

@@ -17,6 +17,10 @@ from jobs.bench.scale import bench_scale
 from jobs.bench.scoring import bench_coldstart, bench_dedup, bench_scoring, score_rows
 from jobs.bench.settings import CPU_ITEMS, BenchSettings, build_parser
 from jobs.bench.training import bench_calibration, bench_train, train_tiny_artifact
+from jobs.bench import corrections as corrections_item
+from jobs.bench import review as review_item
+from jobs.bench.corrections import bench_corrections
+from jobs.bench.review import bench_review, bench_review_of
 
 # ---- report ---------------------------------------------------------------------------------------
 
@@ -209,6 +213,10 @@ def table(results: dict) -> str:
             lines.append(f"{label_:<30}{r['seconds']:>8.1f}{r['rows_per_s']:>9.0f}{mib(r['driver_peak_rss_mib']):>11}"
                          f"{mib(r['TextScorer_peak_rss_mib']):>11}{mib(r['ApplyLabels_peak_rss_mib']):>12}"
                          f"{sec(r['TextScorer_start_s']):>15}{sec(r['ApplyLabels_start_s']):>16}")
+    if results.get("review"):
+        lines += review_item.report(results["review"])
+    if results.get("corrections"):
+        lines += corrections_item.report(results["corrections"])
     cal = results.get("calibration")
     if cal:
         lines.append(f"-- calibration: {cal['runs'][0]['backbone']}, 65/10/25 split of the packaged chart, review "
@@ -233,7 +241,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from clf_core.logs import setup_logging
 
-    setup_logging("WARNING")
+    setup_logging(level="WARNING")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = from_args(BenchSettings, build_parser().parse_args(argv)).validate()
     if settings.smoke:
@@ -275,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             results["calibration"] = bench_calibration(settings, work)
         if "scale" in items:
             results["scale"] = bench_scale(settings, work)
+        if "corrections" in items:     # its first half is the review loop: the review figures come with it
+            results["corrections"] = bench_corrections(settings, work)
+            results["review"] = bench_review_of(results["corrections"])
+        elif "review" in items:
+            results["review"] = bench_review(settings, work)
     results["targets"] = targets(results)
     Path(settings.out).parent.mkdir(parents=True, exist_ok=True)
     Path(settings.out).write_text(json.dumps(results, indent=2, default=str))

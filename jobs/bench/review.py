@@ -201,7 +201,15 @@ def review_loop(settings: BenchSettings, seed: int, work: Path) -> Loop:
 
 def bench_review(settings: BenchSettings, work: Path) -> dict:
     seeds = [int(s) for s in settings.review_seeds.split(",") if s.strip()]
-    runs = [review_loop(settings, seed, work / f"review-seed-{seed}").figures for seed in seeds]
+    return summarize([review_loop(settings, seed, work / f"review-seed-{seed}").figures for seed in seeds], settings)
+
+
+def bench_review_of(corrections: dict) -> dict:
+    """The review figures of the loops the corrections item ran first."""
+    return corrections["review"]
+
+
+def summarize(runs: list[dict], settings: BenchSettings) -> dict:
     return {"runs": runs, "budget": settings.review_budget, "audit_fraction": settings.review_audit_fraction,
             "median": {k: statistics.median(r[k] for r in runs) for k in
                        ("errors", "budget_caught", "threshold_caught", "budget_flagged", "threshold_flagged",

@@ -14,7 +14,9 @@ CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "cold
 # on the packaged chart three times; scale runs jobs.label on millions of rows; compile compares
 # the compiled and eager forward on the CPU (a minute of compiling); realpath times Predictor on
 # --realpath-rows ledger lines (on the GPU model when the gpu item runs, else on the CPU artifact).
-ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale", "compile", "realpath")
+# review (the review loop on charts the model never saw) and corrections (retraining with the
+# reviewers' answers) train the default model per seed: minutes each, opt-in.
+ALL_ITEMS = CPU_ITEMS + ("gpu", "calibration", "scale", "compile", "realpath", "review", "corrections")
 
 
 @dataclass
@@ -70,6 +72,15 @@ class BenchSettings:
     scale_rounds: int = setting("Runs per size of the scale item (medians).", at_least=1, default=3)
     calibration_seeds: str = setting("Split seeds of the calibration item (train/validation/test 65/10/25 of the "
                                      "packaged chart, the default backbone and settings).", default="200,1,2")
+    review_seeds: str = setting("Seeds of the review and corrections items: each holds out other charts of the "
+                                "packaged chart of accounts and trains the default model on the rest.",
+                                default="200,1,2")
+    review_holdout: float = setting("Share of the packaged chart's rows the review items hold out, as whole charts "
+                                    "the model never sees.", above=0, default=0.25)
+    review_budget: float = setting("--review-budget of the review items' label runs.", above=0, default=0.10)
+    review_audit_fraction: float = setting("--audit-fraction of the review items' label runs (larger than the "
+                                           "default 1%: a held-out chart is a few hundred rows).", above=0,
+                                           default=0.2)
 
     def item_list(self) -> list[str]:
         return [x.strip() for x in self.items.split(",") if x.strip()]

@@ -1,0 +1,143 @@
+"""Retraining with reviewers' answers, measured on charts the model never saw (--items corrections;
+opt-in, ~10 min a seed: two trainings of the default model).
+
+Per seed, the review loop first (jobs/bench/review.py: model v1 trained on the other charts, the
+held-out charts labeled, the budget's rows and the audit sample answered from the true labels,
+imported). Then model v2 is trained on the same charts plus those answers (clf_core.train_job's
+add_answers: the same merge as jobs.train --corrections), and both models label the held-out rows
+nobody reviewed:
+
+- family rows: unreviewed rows of the same family as a corrected text (the same parent section in
+  the chart, or the same first two words of the account name, "Repairs - ..."): the errors a
+  correction should teach the model not to make again;
+- other rows: the rest of the unreviewed rows: the errors a correction should not cause.
+
+Target: family errors fall by at least half; other errors rise by at most 1 per 1,000 rows. Both
+with 95% intervals (Wilson, on the rates pooled over the seeds). Then v1 and v2 are published
+into a registry and v2 goes through the promotion gate against v1 as champion, on the unreviewed
+rows as the evaluation file: its verdict is printed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from jobs.bench.review import Loop, catalog_for, labeled, review_loop, summarize, train_default
+from jobs.bench.settings import BenchSettings
+
+
+def family_keys(full_path: str, name: str) -> set[str]:
+    """A row's families: its parent section (the path above the account) and the first two words
+    of its account name."""
+    keys = set()
+    if full_path.endswith(name) and full_path != name:
+        keys.add("section:" + full_path[: -len(name)].strip().lower())
+    words = name.lower().replace("-", " ").split()
+    if len(words) >= 2:
+        keys.add("words:" + " ".join(words[:2]))
+    return keys
+
+
+def retrain_with_answers(loop: Loop) -> str:
+    """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
+    from clf_core.train_job import add_answers
+
+    rows, _ = add_answers(loop.train[["full_path", "label"]], "full_path", "label", ["Expense", "Income"],
+                          catalog_for(loop.work), loop.corrections)
+    return train_default(rows, loop.seed, loop.work / "model-v2")
+
+
+def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
+    """v1 champion, v2 candidate, the unreviewed held-out rows as the evaluation file: the gate's last line."""
+    from clf_core.artifact import open_artifact, publish
+    from clf_core.promotion import PromoteSettings, promote
+    from clf_core.registry import version_uri
+
+    registry = str(loop.work / "registry")
+    versions = []
+    for artifact in (loop.artifact, v2):
+        version = open_artifact(artifact).model_version
+        publish(artifact, version_uri(registry, "bench", version))
+        versions.append(version)
+    evaluation = loop.work / "eval.csv"
+    unreviewed.rename(columns={"texts": "full_path", "true_label": "label"})[["full_path", "label"]].to_csv(
+        evaluation, index=False)
+    common = dict(registry=registry, name="bench", eval_data=str(evaluation), text_column="full_path",
+                  cache=str(loop.work / "gate-cache"), shadow_nights=0)
+    promote(PromoteSettings(candidate=versions[0], **common))
+    status, report = promote(PromoteSettings(candidate=versions[1], **common))
+    lines = report.splitlines()
+    figures = [l.strip() for l in lines if l.strip().startswith("macro-F1")]
+    return f"{lines[-1].split(':')[0]} ({'; '.join(figures)})"
+
+
+def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
+    import pandas as pd
+
+    from clf_core.data import sample_data_path
+    from clf_core.predict import Predictor
+
+    loop = review_loop(settings, seed, work)
+    v2 = retrain_with_answers(loop)
+    table = labeled(loop)                                    # v1's labels, the answers applied
+    names = pd.read_csv(sample_data_path("coa_income_expense")).set_index("full_path")["text"].to_dict()
+    corrected = answered_texts(loop)
+    families = set().union(*(family_keys(t, names.get(t, t)) for t in corrected)) if corrected else set()
+    unreviewed = table[table["label_source"] != "review"].copy()   # no answer for their text
+    unreviewed["family"] = [bool(family_keys(t, names.get(t, t)) & families) for t in unreviewed["texts"]]
+    v2_labels = Predictor.load(v2).predict(unreviewed["texts"].tolist()).labels
+    unreviewed["v1_wrong"] = unreviewed["label"] != unreviewed["true_label"]
+    unreviewed["v2_wrong"] = pd.Series(v2_labels, index=unreviewed.index) != unreviewed["true_label"]
+    fam, other = unreviewed[unreviewed["family"]], unreviewed[~unreviewed["family"]]
+    return {"seed": seed, "review": loop.figures, "corrected_texts": len(corrected), "family_rows": len(fam),
+            "other_rows": len(other),
+            "family_errors_v1": int(fam["v1_wrong"].sum()), "family_errors_v2": int(fam["v2_wrong"].sum()),
+            "other_errors_v1": int(other["v1_wrong"].sum()), "other_errors_v2": int(other["v2_wrong"].sum()),
+            "gate": gate_verdict(loop, v2, unreviewed[["texts", "true_label"]])}
+
+
+def answered_texts(loop: Loop) -> set[str]:
+    """The texts reviewers corrected (answers that differ from the model's label)."""
+    from clf_core.corrections import CorrectionsTable, latest_per_key
+
+    rows = latest_per_key(CorrectionsTable(catalog_for(loop.work), loop.corrections).rows()).to_pylist()
+    return {r["text"] for r in rows if r["corrected_label"] != r["label"]}
+
+
+def bench_corrections(settings: BenchSettings, work: Path) -> dict:
+    from clf_core.corrections import wilson_interval
+
+    seeds = [int(s) for s in settings.review_seeds.split(",") if s.strip()]
+    runs = [corrections_seed(settings, seed, work / f"corrections-seed-{seed}") for seed in seeds]
+
+    def pooled(errors: str, rows: str) -> dict:
+        e, n = sum(r[errors] for r in runs), sum(r[rows] for r in runs)
+        low, high = wilson_interval(e, n)
+        return {"errors": e, "rows": n, "rate": e / n if n else 0.0, "interval": [low, high]}
+
+    family = {"v1": pooled("family_errors_v1", "family_rows"), "v2": pooled("family_errors_v2", "family_rows")}
+    other = {"v1": pooled("other_errors_v1", "other_rows"), "v2": pooled("other_errors_v2", "other_rows")}
+    fall = 1 - family["v2"]["errors"] / family["v1"]["errors"] if family["v1"]["errors"] else 0.0
+    rise_per_1000 = 1000 * (other["v2"]["rate"] - other["v1"]["rate"])
+    return {"runs": runs, "review": summarize([r.pop("review") for r in runs], settings),
+            "family": family, "other": other, "family_error_fall": fall,
+            "other_error_rise_per_1000": rise_per_1000,
+            "median": {k: statistics.median(r[k] for r in runs) for k in
+                       ("family_errors_v1", "family_errors_v2", "other_errors_v1", "other_errors_v2")}}
+
+
+def report(results: dict) -> list[str]:
+    r = results
+    lines = [f"-- retraining with the reviewers' answers: default model, charts it never saw; {len(r['runs'])} seed(s)"]
+    for run in r["runs"]:
+        lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected | family rows {run['family_rows']}: "
+                     f"errors {run['family_errors_v1']} -> {run['family_errors_v2']} | other rows {run['other_rows']}: "
+                     f"errors {run['other_errors_v1']} -> {run['other_errors_v2']} | gate: {run['gate']}")
+    for name, part in (("family", r["family"]), ("other", r["other"])):
+        v1, v2 = part["v1"], part["v2"]
+        lines.append(f"   {name} rows, pooled: error rate {v1['rate']:.3f} [{v1['interval'][0]:.3f}, {v1['interval'][1]:.3f}] "
+                     f"-> {v2['rate']:.3f} [{v2['interval'][0]:.3f}, {v2['interval'][1]:.3f}] ({v1['rows']} rows)")
+    lines.append(f"   family errors fall by {r['family_error_fall']:.0%} (target >= 50%); other errors change by "
+                 f"{r['other_error_rise_per_1000']:+.1f} per 1,000 rows (target <= +1)")
+    return lines

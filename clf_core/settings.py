@@ -9,7 +9,7 @@ exposes, its flag). Flags, `--help` text and YAML all come from that one declara
     settings = from_args(LabelSettings, args)     # the dataclass back from the parsed flags
 
 Each settings class checks its own values in `validate()`, which raises one `ConfigError` naming
-every bad value and its fix, before any worker starts. `ClassifierConfig` (clf_core.config) adds
+every bad value and its fix, before any worker starts. `ClassifierConfig` (clf_core.model.config) adds
 YAML files and dotted `--set section.field=value` overrides on top of the same fields.
 """
 

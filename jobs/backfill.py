@@ -26,16 +26,16 @@ from clf_core import cli
 
 
 def build_parser():
-    from clf_core.label_settings import BackfillSettings
+    from clf_core.labeling.settings import BackfillSettings
 
     return cli.build_parser("python -m jobs.backfill", __doc__, BackfillSettings)
 
 
 def backfill(args) -> int:
-    from clf_core.artifact import open_artifact
-    from clf_core.label_settings import BackfillSettings
-    from clf_core.labeling import backfill_tag, label_job
-    from clf_core.registry import resolve_model
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.settings import BackfillSettings
+    from clf_core.labeling.pipeline import backfill_tag, label_job
+    from clf_core.model.registry import resolve_model
     from clf_core.settings import from_args
 
     settings = from_args(BackfillSettings, args)

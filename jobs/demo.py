@@ -223,7 +223,7 @@ def write_labeled_sample(bucket: str) -> tuple[str, str]:
     from sklearn.model_selection import train_test_split
 
     from clf_core import storage
-    from clf_core.data import sample_data_path
+    from clf_core.training.data import sample_data_path
 
     rows = pd.read_csv(sample_data_path())
     train_rows, eval_rows = train_test_split(rows, test_size=EVAL_SHARE, stratify=rows["label"], random_state=0)
@@ -234,7 +234,7 @@ def write_labeled_sample(bucket: str) -> tuple[str, str]:
 
 
 def registry_version(registry: str, version: str) -> str:
-    from clf_core.registry import version_uri
+    from clf_core.model.registry import version_uri
 
     return version_uri(registry, NAME, version)
 
@@ -244,9 +244,9 @@ def train(labeled: str, registry: str, workdir: Path, smoke: bool, corrections: 
     --cpus-per-worker 1` (with `--catalog demo --corrections ledgers.corrections`: learning from the
     reviewers' answers): the default backbone and recipe; with --smoke, the tiny model of
     configs/tiny.yaml on 300 rows. Returns the version it published (None: it failed)."""
-    from clf_core.config import ClassifierConfig
-    from clf_core.registry import versions
-    from clf_core.train_job import TrainJobSettings, run
+    from clf_core.model.config import ClassifierConfig
+    from clf_core.model.registry import versions
+    from clf_core.training.job import TrainJobSettings, run
 
     before = set(versions(registry, NAME))
     settings = TrainJobSettings(data=labeled, registry=registry, name=NAME, cpus_per_worker=1.0)
@@ -269,7 +269,7 @@ def promote(registry: str, version: str, evaluation: str, cache: str, shadow_nig
     ... --text-column full_path --max-drop 0.02` (and the reviewed rows and shadow comparison on the
     demo's table): the gate's report. When it refuses, the demo shows the override, recorded with
     its reason, so the rest of the rollout still runs. Returns the new champion (None: failed)."""
-    from clf_core.promotion import PromoteSettings, promote as run_promotion
+    from clf_core.labeling.promotion import PromoteSettings, promote as run_promotion
 
     settings = PromoteSettings(registry=registry, name=NAME, candidate=version, eval_data=evaluation,
                                text_column="full_path", max_drop=DEMO_MAX_DROP, cache=cache, shadow_nights=shadow_nights,
@@ -288,10 +288,10 @@ def promote(registry: str, version: str, evaluation: str, cache: str, shadow_nig
 def backfill(model: str, ledgers: str, cache: str, review: str, start: date, end: date):
     """`python -m jobs.backfill --start ... --end ... --model .../income-expense@champion ...`: every
     night relabeled by the new champion, reviewers' answers applied again, and its diff report."""
-    from clf_core.artifact import open_artifact
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import backfill_tag, label_job
-    from clf_core.registry import resolve_model
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import backfill_tag, label_job
+    from clf_core.model.registry import resolve_model
 
     settings = LabelSettings(model=resolve_model(model).uri, input=ledgers, catalog=CATALOG, output_table=TABLE,
                              cache=cache, review_export=review, shuffle_partitions=4, audit_fraction=AUDIT_FRACTION,
@@ -304,8 +304,8 @@ def backfill(model: str, ledgers: str, cache: str, review: str, start: date, end
 def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):
     """`python -m jobs.label --model ... --input ... --catalog demo --output-table ledgers.labeled_lines
     --cache ... --review-export ... --shuffle-partitions 4` (4 shuffle partitions suit 2 cores)."""
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import label_job
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import label_job
 
     return label_job(LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE, cache=cache,
                                    review_export=review, review_threshold=review_threshold, shuffle_partitions=4,
@@ -322,7 +322,7 @@ def answer_like_a_reviewer(export: str, target: Path) -> set[str]:
     import io
 
     from clf_core import storage
-    from clf_core.review import unguard
+    from clf_core.review.file import unguard
 
     rows = list(csv.DictReader(io.StringIO(storage.read_text(export), newline="")))
     checked = [row for row in rows if row.get("source_label")]
@@ -338,7 +338,7 @@ def answer_like_a_reviewer(export: str, target: Path) -> set[str]:
 def import_answers(path: Path) -> str:
     """`python -m jobs.review import --catalog demo --corrections ledgers.corrections
     --output-table ledgers.labeled_lines --file <path> --reviewer demo-reviewer`."""
-    from clf_core.review_commands import ImportSettings, import_review
+    from clf_core.labeling.review_commands import ImportSettings, import_review
 
     return import_review(ImportSettings(catalog=CATALOG, corrections=CORRECTIONS, output_table=TABLE, file=str(path),
                                         reviewer="demo-reviewer"))
@@ -348,7 +348,7 @@ def rows_with_answers(corrected: set[str]) -> int:
     """Rows of the table that now carry a reviewer's correction (a label the model had not given)."""
     from pyiceberg.expressions import EqualTo
 
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     rows = LabeledTable(CATALOG, TABLE).table.scan(row_filter=EqualTo("label_source", "review"),
                                                    selected_fields=("texts",)).to_arrow()
@@ -372,7 +372,7 @@ def summarize(local: Path, workdir: Path, first, second, third, corrected: set[s
     test = metrics["test"]
     reviews = sorted(local.glob("review/*.csv"))
     plots = sorted(p.name for p in (local / "model").glob("*.png"))
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     table = LabeledTable(CATALOG, TABLE)
     rows = sum(p.rows for p in table.partition_files().values())   # from the manifests

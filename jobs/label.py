@@ -34,14 +34,14 @@ from clf_core import cli
 
 
 def build_parser():
-    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling.settings import LabelSettings
 
     return cli.build_parser("python -m jobs.label", __doc__, LabelSettings)
 
 
 def label(args) -> int:
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import label_job
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import label_job
     from clf_core.settings import from_args
 
     summary = label_job(from_args(LabelSettings, args))

@@ -21,15 +21,15 @@ from clf_core import cli
 
 
 def build_parser():
-    from clf_core.prequantize import PrequantizeSettings
+    from clf_core.model.prequantize import PrequantizeSettings
 
     return cli.build_parser("python -m jobs.prequantize", __doc__, PrequantizeSettings)
 
 
 def quantize(args) -> int:
-    from clf_core.artifact import open_artifact
-    from clf_core.prequantize import PrequantizeSettings, approve, prequantize
-    from clf_core.registry import resolve_model
+    from clf_core.model.artifact import open_artifact
+    from clf_core.model.prequantize import PrequantizeSettings, approve, prequantize
+    from clf_core.model.registry import resolve_model
     from clf_core.settings import from_args
 
     settings = from_args(PrequantizeSettings, args).validate()

@@ -25,13 +25,13 @@ from clf_core import cli
 
 
 def build_parser():
-    from clf_core.promotion import PromoteSettings
+    from clf_core.labeling.promotion import PromoteSettings
 
     return cli.build_parser("python -m jobs.promote", __doc__, PromoteSettings)
 
 
 def promote(args) -> int:
-    from clf_core.promotion import PromoteSettings, promote as promote_model
+    from clf_core.labeling.promotion import PromoteSettings, promote as promote_model
     from clf_core.settings import from_args
 
     status, report = promote_model(from_args(PromoteSettings, args))

@@ -28,7 +28,7 @@ from clf_core import cli
 
 
 def build_parser():
-    from clf_core.review_commands import ImportSettings, StatsSettings
+    from clf_core.labeling.review_commands import ImportSettings, StatsSettings
 
     return cli.build_parser("python -m jobs.review", __doc__, subcommands={
         "import": ("Import a reviewed file into the corrections table.", (ImportSettings,)),
@@ -36,7 +36,7 @@ def build_parser():
 
 
 def review(args) -> int:
-    from clf_core.review_commands import ImportSettings, StatsSettings, import_review, review_stats
+    from clf_core.labeling.review_commands import ImportSettings, StatsSettings, import_review, review_stats
     from clf_core.settings import from_args
 
     if args.command == "import":

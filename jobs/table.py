@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 
 from clf_core import cli
 from clf_core.errors import ClfError
-from clf_core.table_maintenance import (CompactCacheSettings, ExpireSettings, HistorySettings, OrphanSettings,
+from clf_core.labeling.maintenance import (CompactCacheSettings, ExpireSettings, HistorySettings, OrphanSettings,
                                         RollbackSettings, parse_age)
 
 COMMANDS = {
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compact_cache(settings: CompactCacheSettings) -> int:
-    from clf_core.label_cache import LabelCache
+    from clf_core.labeling.cache import LabelCache
 
     settings.validate()
     version = settings.model_version
     if settings.model:
-        from clf_core.artifact import open_artifact
-        from clf_core.registry import resolve_model
+        from clf_core.model.artifact import open_artifact
+        from clf_core.model.registry import resolve_model
 
         version = open_artifact(resolve_model(settings.model).uri).model_version
     cache = LabelCache(settings.cache, version)
@@ -70,7 +70,7 @@ def compact_cache(settings: CompactCacheSettings) -> int:
 
 
 def opened(settings):
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     settings.validate()
     labeled = LabeledTable(settings.catalog, settings.output_table)
@@ -80,8 +80,7 @@ def opened(settings):
 
 
 def history(settings: HistorySettings) -> int:
-    from clf_core import table_maintenance as maintenance
-
+    from clf_core.labeling import maintenance as maintenance
     for row in maintenance.history(opened(settings), settings.limit):
         tags = f"  tags: {', '.join(row['tags'])}" if row["tags"] else ""
         print(f"{row['committed_at']}  {row['snapshot_id']:>20}  {row['operation']:<9} "
@@ -91,16 +90,14 @@ def history(settings: HistorySettings) -> int:
 
 
 def rollback(settings: RollbackSettings) -> int:
-    from clf_core import table_maintenance as maintenance
-
+    from clf_core.labeling import maintenance as maintenance
     snapshot_id = maintenance.rollback(opened(settings), settings.to)
     print(f"{settings.output_table} now reads as of snapshot {snapshot_id} ({settings.to})")
     return 0
 
 
 def expire(settings: ExpireSettings) -> int:
-    from clf_core import table_maintenance as maintenance
-
+    from clf_core.labeling import maintenance as maintenance
     labeled = opened(settings)
     cutoff = datetime.now(timezone.utc) - parse_age("--older-than", settings.older_than)
     report = maintenance.expire_snapshots(labeled, cutoff, settings.retain_last)
@@ -110,8 +107,7 @@ def expire(settings: ExpireSettings) -> int:
 
 
 def remove_orphans(settings: OrphanSettings) -> int:
-    from clf_core import table_maintenance as maintenance
-
+    from clf_core.labeling import maintenance as maintenance
     labeled = opened(settings)
     cutoff = datetime.now(timezone.utc) - parse_age("--older-than", settings.older_than)
     orphans = maintenance.remove_orphan_files(labeled, cutoff, dry_run=settings.dry_run)

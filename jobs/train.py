@@ -26,11 +26,11 @@ import logging
 import sys
 
 from clf_core import cli
-from clf_core.config import ClassifierConfig, add_config_arguments
+from clf_core.model.config import ClassifierConfig, add_config_arguments
 from clf_core.errors import ClfError
 from clf_core.logs import setup_logging
 from clf_core.settings import from_args
-from clf_core.train_job import TrainJobSettings, run
+from clf_core.training.job import TrainJobSettings, run
 
 log = logging.getLogger("jobs.train")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("jobs.train")
 def build_parser() -> argparse.ArgumentParser:
     p = cli.build_parser("python -m jobs.train", __doc__, TrainJobSettings,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_argument_group("the model and its recipe (fields of clf_core.config.ClassifierConfig)")
+    model = p.add_argument_group("the model and its recipe (fields of clf_core.model.config.ClassifierConfig)")
     model.add_argument("--config", help="YAML config (sections model/lora/data/train/review); the flags below "
                                         "override it.")
     model.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pandas as pd
 import pytest
 
-from clf_core.config import ClassifierConfig
+from clf_core.model.config import ClassifierConfig
 from clf_core.logs import quiet_libraries
 
 quiet_libraries()
@@ -143,8 +143,8 @@ def ray_cluster(local_s3, iceberg_catalog):
 
 
 def train_tiny_artifact(directory, backbone: str, steps: int = 6) -> str:
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
 
     from jobs.support.tiny import tiny_config
 

@@ -1,4 +1,4 @@
-"""Calibrated confidence and the review threshold (clf_core.calibration), on data whose true
+"""Calibrated confidence and the review threshold (clf_core.model.calibration), on data whose true
 probabilities are known, so every figure below has a right answer to be checked against."""
 
 import json
@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from clf_core import calibration
-from clf_core.calibration import (brier_score, choose_threshold, expected_calibration_error, fit_temperature,
+from clf_core.model import calibration
+from clf_core.model.calibration import (brier_score, choose_threshold, expected_calibration_error, fit_temperature,
                                   risk_coverage, softmax)
-from clf_core.metrics import classification_metrics
-from clf_core.report import build_report
+from clf_core.model.metrics import classification_metrics
+from clf_core.training.report import build_report
 
 
 def sampled(rows: int, classes: int, true_temperature: float, seed: int = 0):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from clf_core import storage
-from clf_core.artifact import publish
+from clf_core.model.artifact import publish
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -792,7 +792,7 @@ def test_label_entrypoints_pass_the_jobs_own_validation(source, module, argv):
     """--catalog, --output-table NS.TABLE and --cache are required by the job (not by argparse):
     LabelSettings.validate(), which the job runs first, must accept every documented command."""
     from clf_core.errors import ConfigError
-    from clf_core.label_settings import LabelSettings
+    from clf_core.labeling.settings import LabelSettings
     from clf_core.settings import from_args
 
     args = parse(source, module, argv)
@@ -894,7 +894,7 @@ def check_catalog_env(where: str, env_vars: dict, name: str, region: str, monkey
     # And the jobs' own way of opening it builds a Glue client for that region (no network call).
     pytest.importorskip("boto3")
     from clf_core.errors import ConfigError
-    from clf_core.table import open_catalog
+    from clf_core.labeling.table import open_catalog
 
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(var, raising=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from clf_core.config import ClassifierConfig
+from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ConfigError
 
 
@@ -87,7 +87,7 @@ def test_config_round_trips_through_a_dict():
 def test_auto_dtype_is_float32_on_cpu_and_bf16_refused_where_unsupported():
     import torch
 
-    from clf_core.model import resolve_hardware
+    from clf_core.model.build import resolve_hardware
 
     hw = resolve_hardware(ClassifierConfig.load(overrides={"model.device": "cpu"}).model)
     assert hw.compute_dtype == torch.float32 and hw.device.type == "cpu"
@@ -101,7 +101,7 @@ def test_auto_dtype_follows_the_gpu_generation(monkeypatch, capability, expected
     """No GPU here: only the capability query is replaced, the decision logic is the real one."""
     import torch
 
-    from clf_core.model import resolve_hardware
+    from clf_core.model.build import resolve_hardware
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

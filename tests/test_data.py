@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from clf_core.data import Collator, LabelMap, encode_batch, read_table, sample_data_path, stratified_split
+from clf_core.training.data import Collator, LabelMap, encode_batch, read_table, sample_data_path, stratified_split
 from clf_core.errors import DataError
-from clf_core.model import load_tokenizer
+from clf_core.model.build import load_tokenizer
 
 
 def test_unknown_label_lists_values_and_fix():

@@ -43,11 +43,11 @@ from hypothesis import strategies as st
 
 from clf_core import storage
 from support.fault_proxy import FaultProxy, Faults
-from clf_core.label_plan import plan
-from clf_core.scoring import OUTPUT_COLUMNS
-from clf_core.label_settings import LabelSettings
-from clf_core.scoring import check_text
-from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
+from clf_core.labeling.plan import plan
+from clf_core.labeling.scoring import OUTPUT_COLUMNS
+from clf_core.labeling.settings import LabelSettings
+from clf_core.labeling.scoring import check_text
+from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
 from jobs.support.tiny import TINY_CONFIG
 from test_cluster import find_secrets
@@ -526,8 +526,8 @@ def test_fuzzed_ledgers_through_the_real_label_run(ray_cluster, iceberg_catalog,
     naming one of its files. The good partition comes first, so the run's schema is its own: a
     fuzzed one that does not fit it waits for a run of its own (by design), it never takes the
     good one down."""
-    from clf_core.artifact import open_artifact
-    from clf_core.labeling import run
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.pipeline import run
 
     good = ledger_day(8, 0)
     with tempfile.TemporaryDirectory() as tmp:

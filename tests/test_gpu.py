@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from clf_core.config import ClassifierConfig
-from clf_core.data import stratified_split
-from clf_core.predict import Predictor, length_buckets, row_buckets
-from clf_core.recipe import train_classifier
+from clf_core.model.config import ClassifierConfig
+from clf_core.training.data import stratified_split
+from clf_core.model.predict import Predictor, length_buckets, row_buckets
+from clf_core.training.recipe import train_classifier
 from conftest import ledger_rows
 from jobs.support.tiny import tiny_config
 

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from clf_core import storage
-from clf_core.artifact import open_artifact
+from clf_core.model.artifact import open_artifact
 from clf_core.errors import ConfigError
-from clf_core.label_cache import LabelCache
-from clf_core.predict import Predictor
-from clf_core.label_settings import LabelSettings, review_threshold
-from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
-from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
+from clf_core.labeling.cache import LabelCache
+from clf_core.model.predict import Predictor
+from clf_core.labeling.settings import LabelSettings, review_threshold
+from clf_core.labeling.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
+from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 from conftest import ledger_rows
 from jobs import backfill, label
 from jobs import table as table_job
@@ -204,7 +204,7 @@ def test_the_review_threshold_is_the_models_unless_overridden(tiny_artifact, tmp
     import json
     import shutil
 
-    from clf_core.artifact import LEGACY_REVIEW_THRESHOLD, compute_model_version
+    from clf_core.model.artifact import LEGACY_REVIEW_THRESHOLD, compute_model_version
 
     published = open_artifact(tiny_artifact).manifest["review"]["threshold"]
     base = {"model": tiny_artifact, "input": "in", "catalog": "c", "output_table": "ns.t", "cache": "c1"}
@@ -345,7 +345,7 @@ def test_a_commit_that_loses_the_race_rechecks_and_leaves_or_replaces(iceberg_ca
 def test_the_review_export_holds_the_flagged_rows_and_no_formula(iceberg_catalog, table_name, tmp_path):
     """The accountants' CSV: only needs_review rows, every input column plus label, confidence and
     error; a cell a spreadsheet would run as a formula starts with an apostrophe instead."""
-    from clf_core.review import export_review
+    from clf_core.review.file import export_review
 
     texts = ["=HYPERLINK(\"http://x\",\"Rent\")", "Less: Gas", "+1 Deposit", "-Repairs", "@SUM(A1)", "\tTab", "Plus: Fee"]
     rows = labeled_rows(texts, list(range(len(texts))))  # needs_review on even row ids
@@ -529,7 +529,7 @@ def test_every_reader_sees_each_row_once(ray_cluster, s3_bucket, iceberg_catalog
     import polars as pl
     import ray
 
-    from clf_core.table import catalog_config
+    from clf_core.labeling.table import catalog_config
 
     src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     days = {day: ledger_day(30, i) for i, day in enumerate(DAYS)}

@@ -56,9 +56,9 @@ def restore_logging(monkeypatch):
 
 def emit_the_usual_lines() -> None:
     """One line of each kind a demo run produces."""
-    logging.getLogger("clf_core.labeling").info("pass 1, scoring: 170 / 170 distinct texts")
+    logging.getLogger("clf_core.labeling.pipeline").info("pass 1, scoring: 170 / 170 distinct texts")
     logging.getLogger("jobs.demo").info("our own line")
-    logging.getLogger("clf_core.labeling").error("FAILED dt=2026-11-01: OSError: the partition's file is gone")
+    logging.getLogger("clf_core.labeling.pipeline").error("FAILED dt=2026-11-01: OSError: the partition's file is gone")
     logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
     logging.getLogger("botocore.configprovider").info("Found endpoint for s3 via: environment_global.")
     logging.getLogger("matplotlib.font_manager").info("generated new fontManager")
@@ -124,7 +124,7 @@ def test_in_a_ray_train_worker_its_console_handler_is_filtered_not_doubled(capsy
     theirs = logging.StreamHandler(sys.stderr)
     logging.getLogger().addHandler(theirs)
     setup_logging()
-    logging.getLogger("clf_core.train_job").info("epoch 1/3: train loss 0.6651")
+    logging.getLogger("clf_core.training.job").info("epoch 1/3: train loss 0.6651")
     logging.getLogger("botocore.credentials").info("Found credentials in environment variables.")
     console = capsys.readouterr().err
     assert console.count("epoch 1/3") == 1 and "Found credentials" not in console

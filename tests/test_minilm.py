@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from clf_core.artifact import Artifact, open_artifact
-from clf_core.config import DEFAULT_BACKBONE, ClassifierConfig
-from clf_core.data import read_table, sample_data_path, stratified_split
+from clf_core.model.artifact import Artifact, open_artifact
+from clf_core.model.config import DEFAULT_BACKBONE, ClassifierConfig
+from clf_core.training.data import read_table, sample_data_path, stratified_split
 from clf_core.errors import ConfigError
-from clf_core.model import (MaskedMeanPooler, build_classifier, load_tokenizer, resolve_backbone,
+from clf_core.model.build import (MaskedMeanPooler, build_classifier, load_tokenizer, resolve_backbone,
                             resolve_hardware)
-from clf_core.predict import Predictor
-from clf_core.recipe import train_classifier
+from clf_core.model.predict import Predictor
+from clf_core.training.recipe import train_classifier
 
 
 def test_default_backbone_resolves_offline_to_the_packaged_copy():

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from clf_core.artifact import open_artifact
+from clf_core.model.artifact import open_artifact
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model import PREQUANTIZED_META
-from clf_core.predict import Predictor
-from clf_core.prequantize import approve, prequantize
+from clf_core.model.build import PREQUANTIZED_META
+from clf_core.model.predict import Predictor
+from clf_core.model.prequantize import approve, prequantize
 from conftest import ledger_rows
 
 
@@ -43,7 +43,7 @@ def test_prequantized_base_scores_like_quantize_on_load(tiny_artifact, prequanti
     texts = ledger_rows(40, seed=21)["texts"].tolist()
     original = Predictor.load(tiny_artifact).predict(texts)
     loaded = Predictor.load(artifact, backbone=str(directory))
-    # o_proj: q/k/v hold 16-bit copies with the LoRA merged in for scoring (clf_core.model.merge_lora_for_scoring)
+    # o_proj: q/k/v hold 16-bit copies with the LoRA merged in for scoring (clf_core.model.build.merge_lora_for_scoring)
     o_proj = loaded.model.base_model.model.model.layers[0].self_attn.o_proj
     assert isinstance(o_proj, bnb.nn.Linear4bit) and o_proj.weight.quant_state.quant_type == "nf4"
     after = loaded.predict(texts)

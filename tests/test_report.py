@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clf_core import calibration, report
-from clf_core.calibration import softmax
-from clf_core.metrics import classification_metrics
+from clf_core.model import calibration
+from clf_core.training import report
+from clf_core.model.calibration import softmax
+from clf_core.model.metrics import classification_metrics
 
 HISTORY = [{"epoch": i, "train_loss": t, "val_loss": v, "val_accuracy": a, "val_macro_f1": f}
            for i, (t, v, a, f) in enumerate([(0.69, 0.60, 0.70, 0.62), (0.45, 0.41, 0.83, 0.80),

@@ -15,10 +15,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from clf_core.corrections import Answers, CorrectionsTable, wilson_interval
-from clf_core.review import read_review_file, spreadsheet_safe, unguard
-from clf_core.scoring import OUTPUT_COLUMNS, ApplyLabels, budget, in_audit_sample
-from clf_core.table import LabeledTable
+from clf_core.review.corrections import Answers, CorrectionsTable, wilson_interval
+from clf_core.review.file import read_review_file, spreadsheet_safe, unguard
+from clf_core.labeling.scoring import OUTPUT_COLUMNS, ApplyLabels, budget, in_audit_sample
+from clf_core.labeling.table import LabeledTable
 from jobs import review as review_job
 
 LABELS = ["Expense", "Income"]
@@ -154,7 +154,7 @@ def test_a_file_in_no_known_encoding_is_refused_by_name(tmp_path):
 
 # ---- import into the corrections table (real catalog and S3, no Ray) ------------------------------
 
-CORRECTIONS_SCHEMA = __import__("clf_core.corrections", fromlist=["SCHEMA"]).SCHEMA
+CORRECTIONS_SCHEMA = __import__("clf_core.review.corrections", fromlist=["SCHEMA"]).SCHEMA
 
 
 def answer_row(text: str, label: str, second: int, scope: tuple[str, str] | None = None, given: str = "Income",
@@ -298,10 +298,10 @@ def test_reviewers_answers_reach_new_rows_earlier_partitions_and_survive_rollbac
     from test_label import DAYS, assert_exactly_once, commits, figures, job_args, read_labeled, snapshot_count
     from test_label import write_partition
 
-    from clf_core.artifact import open_artifact
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import execute
-    from clf_core.label_plan import plan
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import execute
+    from clf_core.labeling.plan import plan
     from jobs import label
     from jobs import table as table_job
 
@@ -492,12 +492,12 @@ def test_a_table_made_before_the_review_columns_gains_them_and_its_old_files_tak
     adds the columns, and the rewrite reads the old files with them null, answers applied."""
     from test_label import commit_rows, labeled_rows, read_labeled
 
-    from clf_core.label_plan import Plan, Rewrite
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import correct_rows
+    from clf_core.labeling.plan import Plan, Rewrite
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import correct_rows
 
     old_rows = labeled_rows(["Rent", "Gas", "Water"], [1, 2, 3]).drop_columns(["review_reason", "label_source"])
-    import clf_core.table as table_module
+    import clf_core.labeling.table as table_module
 
     first_columns = pa.schema([f for f in table_module.OUTPUT_SCHEMA if f.name in old_rows.column_names])
     original = table_module.OUTPUT_SCHEMA

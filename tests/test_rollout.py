@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from clf_core import registry, storage
-from clf_core.artifact import open_artifact, publish
+from clf_core.model.artifact import open_artifact, publish
 from conftest import ledger_rows
 from jobs import promote as promote_job
 
@@ -26,8 +26,8 @@ def flip(label: str) -> str:
 
 
 def trained(directory, backbone: str, rows: pd.DataFrame, labels=("Expense", "Income")) -> str:
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
     from jobs.support.tiny import tiny_config
 
     cfg = tiny_config(backbone, {"data.labels": list(labels)})
@@ -223,7 +223,7 @@ def test_shadow_comparison_and_backfill_report_match_the_table(ray_cluster, s3_b
                    "--text-column", "texts", "--catalog", iceberg_catalog, "--output-table", table_name,
                    "--cache", cache, "--shadow-nights", "2", "--accept-worse", "--reason", "test") == 0
     out = capsys.readouterr().out
-    from clf_core.predict import Predictor
+    from clf_core.model.predict import Predictor
 
     new = dict(zip(texts, Predictor.load(models["worse"]).predict(texts).labels))
     model_rows = current[current.label_source == "model"]
@@ -242,7 +242,7 @@ def test_shadow_comparison_and_backfill_report_match_the_table(ray_cluster, s3_b
     joined = current.merge(after, on="row_id", suffixes=("_before", "_after"))
     moved = joined[joined.label_before != joined.label_after]
     assert not (moved.label_source_before == "review").any()       # answers are applied again
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     labeled = LabeledTable(iceberg_catalog, table_name)
     head = labeled.table.current_snapshot()

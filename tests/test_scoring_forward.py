@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from clf_core.config import ClassifierConfig
+from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ConfigError
-from clf_core.predict import Predictor, bucket, length_buckets, row_buckets, use_compile
+from clf_core.model.predict import Predictor, bucket, length_buckets, row_buckets, use_compile
 from conftest import ledger_rows
 
 # Lines of many lengths (2 to 29 tokens with the tiny tokenizer) and one past max_tokens (83 > 64).
@@ -32,9 +32,9 @@ def test_lora_merged_into_its_projections_scores_as_the_unmerged_model(tiny_arti
 @pytest.mark.parametrize("backbone", ["tiny mistral", "minilm"])
 def test_scoring_batches_hold_the_ids_training_encodes(backbone, tiny_backbone):
     """Predictor tokenizes each call once (lengths and ids from one call); its batches must be
-    what clf_core.data.encode_batch makes for training, truncation included (BERT keeps [SEP])."""
-    from clf_core.data import encode_batch
-    from clf_core.model import load_tokenizer, packaged_minilm_dir
+    what clf_core.training.data.encode_batch makes for training, truncation included (BERT keeps [SEP])."""
+    from clf_core.training.data import encode_batch
+    from clf_core.model.build import load_tokenizer, packaged_minilm_dir
 
     source = tiny_backbone if backbone == "tiny mistral" else packaged_minilm_dir()
     tokenizer = load_tokenizer(source, 12)
@@ -102,7 +102,7 @@ def test_inductor_cache_on_the_node_spares_the_next_scorer_the_compile(tiny_arti
     from torch._dynamo.utils import counters
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from clf_core.predict import use_node_compile_cache
+    from clf_core.model.predict import use_node_compile_cache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "operator"))
     assert use_node_compile_cache() == str(tmp_path / "operator")   # an operator's choice wins

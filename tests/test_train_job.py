@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from clf_core import storage
-from clf_core.predict import Predictor
+from clf_core.model.predict import Predictor
 from conftest import ledger_rows
 from jobs import train as train_job
 from jobs.support.tiny import TINY_CONFIG
@@ -103,7 +103,7 @@ def test_every_flag_reaches_the_config():
 # ---- real runs ---------------------------------------------------------------------------------
 def answers_table(catalog: str, identifier: str, rows: list[tuple]) -> int:
     """A corrections table holding these answers (text, label given, answer, scope column, scope value)."""
-    from clf_core.corrections import SCHEMA, CorrectionsTable
+    from clf_core.review.corrections import SCHEMA, CorrectionsTable
 
     table = CorrectionsTable(catalog, identifier)
     now = pd.Timestamp.now(tz="UTC")
@@ -119,8 +119,8 @@ def answers_table(catalog: str, identifier: str, rows: list[tuple]) -> int:
 def test_answers_join_the_training_data_one_split_per_text(iceberg_catalog, table_name):
     """Without Ray: an answer overrides the file's label for its text, a new answered text is
     added, a text whose scoped answers disagree is left out, and every text lands in one split."""
-    from clf_core.config import ClassifierConfig
-    from clf_core.train_job import ANSWERED, TrainJobSettings, load_split
+    from clf_core.model.config import ClassifierConfig
+    from clf_core.training.job import ANSWERED, TrainJobSettings, load_split
 
     rows = ledger_rows(200, seed=3)
     rows = pd.concat([rows, rows.head(20)], ignore_index=True)          # duplicated texts in the file
@@ -165,7 +165,7 @@ def test_two_workers_train_from_s3_with_answers_and_publish_into_a_registry(ray_
             "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "2", "--catalog", iceberg_catalog,
             "--corrections", table_name, *TINY_FLAGS]
     assert train_job.main(args) == 0
-    from clf_core.registry import versions
+    from clf_core.model.registry import versions
 
     [version] = versions(registry, "income-expense")
     output = f"{registry}/income-expense/{version}"

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from clf_core.artifact import open_artifact
-from clf_core.data import stratified_split
+from clf_core.model.artifact import open_artifact
+from clf_core.training.data import stratified_split
 from clf_core.errors import ArtifactError
-from clf_core.predict import Predictor
-from clf_core.recipe import train_classifier
+from clf_core.model.predict import Predictor
+from clf_core.training.recipe import train_classifier
 from conftest import ledger_rows
 from jobs.support.tiny import tiny_config as tiny_model_config
 
@@ -57,7 +57,7 @@ def test_save_then_load_gives_identical_predictions(trained):
     np.testing.assert_allclose(after.probabilities, before.probabilities, atol=1e-5)
     # Neither model, having scored, may have repacked its 4-bit weights into bitsandbytes'
     # eval-only AVX512-BF16 CPU layout, which scores differently and which training cannot use
-    # (clf_core.model.load_base turns it off; a CPU without AVX512_BF16 never takes it).
+    # (clf_core.model.build.load_base turns it off; a CPU without AVX512_BF16 never takes it).
     import bitsandbytes as bnb
 
     for model in (run.prepared.model, loaded.model):
@@ -124,8 +124,8 @@ def test_pickle_beside_the_weights_is_refused(trained, tmp_path):
 def test_the_artifact_carries_its_calibration_and_every_scorer_applies_it(trained, tmp_path):
     import shutil
 
-    from clf_core.artifact import compute_model_version
-    from clf_core.calibration import softmax
+    from clf_core.model.artifact import compute_model_version
+    from clf_core.model.calibration import softmax
 
     run, split, directory, manifest = trained
     temperature = manifest["calibration"]["temperature"]
@@ -188,9 +188,9 @@ def test_lr_drops_on_validation_plateau_and_early_stopping_ends_the_run(tiny_con
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tiny_config, tmp_path):
-    from clf_core.data import Collator, LabeledTexts
-    from clf_core.recipe import prepare
-    from clf_core.train import Trainer, make_loader
+    from clf_core.training.data import Collator, LabeledTexts
+    from clf_core.training.recipe import prepare
+    from clf_core.training.loop import Trainer, make_loader
 
     split = stratified_split(ledger_rows(96, seed=5), "label", tiny_config.train.split, seed=200)
     tiny_config.train.early_stopping_patience = 0
@@ -245,7 +245,7 @@ def test_a_half_written_or_altered_checkpoint_is_never_restored(trained, tmp_pat
 
 
 def test_multiclass_five_account_types_train_and_score(tiny_backbone):
-    from clf_core.data import read_table, sample_data_path
+    from clf_core.training.data import read_table, sample_data_path
 
     table = read_table(sample_data_path("coa_all_types")).sample(600, random_state=0)
     labels = ["Asset", "Liability", "Equity", "Income", "Expense"]

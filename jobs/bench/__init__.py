@@ -24,7 +24,7 @@ machines, not the absolute rate.
 
 Items (--items, default all but gpu): seed (1: every row EOS-padded to the longest row of the set, batch 25, no
 attention mask, the logit read at the last position), pipeline (2: transformers'
-text-classification pipeline at its best batch size), predictor (3: clf_core.predict), label
+text-classification pipeline at its best batch size), predictor (3: clf_core.model.predict), label
 (4: jobs.label end to end through Ray Data on local files, on the account rows and on a ledger
 --label-scale times larger, which splits its time into a per-run and a per-row cost), padding (5), dedup (6: a ledger with
 ~90% repeated lines, cold and warm label cache, vs no dedup), coldstart (7: quantize on load vs a

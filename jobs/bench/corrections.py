@@ -3,7 +3,7 @@ opt-in, ~10 min a seed: two trainings of the default model).
 
 Per seed, the review loop first (jobs/bench/review.py: model v1 trained on the other charts, the
 held-out charts labeled, the budget's rows and the audit sample answered from the true labels,
-imported). Then model v2 is trained on the same charts plus those answers (clf_core.train_job's
+imported). Then model v2 is trained on the same charts plus those answers (clf_core.training.job's
 add_answers: the same merge as jobs.train --corrections), and both models label the held-out rows
 nobody reviewed:
 
@@ -41,7 +41,7 @@ def family_keys(full_path: str, name: str) -> set[str]:
 
 def retrain_with_answers(loop: Loop) -> str:
     """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
-    from clf_core.train_job import add_answers
+    from clf_core.training.job import add_answers
 
     rows, _ = add_answers(loop.train[["full_path", "label"]], "full_path", "label", ["Expense", "Income"],
                           catalog_for(loop.work), loop.corrections)
@@ -50,9 +50,9 @@ def retrain_with_answers(loop: Loop) -> str:
 
 def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
     """v1 champion, v2 candidate, the unreviewed held-out rows as the evaluation file: the gate's last line."""
-    from clf_core.artifact import open_artifact, publish
-    from clf_core.promotion import PromoteSettings, promote
-    from clf_core.registry import version_uri
+    from clf_core.model.artifact import open_artifact, publish
+    from clf_core.labeling.promotion import PromoteSettings, promote
+    from clf_core.model.registry import version_uri
 
     registry = str(loop.work / "registry")
     versions = []
@@ -75,8 +75,8 @@ def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
 def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
     import pandas as pd
 
-    from clf_core.data import sample_data_path
-    from clf_core.predict import Predictor
+    from clf_core.training.data import sample_data_path
+    from clf_core.model.predict import Predictor
 
     loop = review_loop(settings, seed, work)
     v2 = retrain_with_answers(loop)
@@ -99,14 +99,14 @@ def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
 
 def answered_texts(loop: Loop) -> set[str]:
     """The texts reviewers corrected (answers that differ from the model's label)."""
-    from clf_core.corrections import CorrectionsTable, latest_per_key
+    from clf_core.review.corrections import CorrectionsTable, latest_per_key
 
     rows = latest_per_key(CorrectionsTable(catalog_for(loop.work), loop.corrections).rows()).to_pylist()
     return {r["text"] for r in rows if r["corrected_label"] != r["label"]}
 
 
 def bench_corrections(settings: BenchSettings, work: Path) -> dict:
-    from clf_core.corrections import wilson_interval
+    from clf_core.review.corrections import wilson_interval
 
     seeds = [int(s) for s in settings.review_seeds.split(",") if s.strip()]
     runs = [corrections_seed(settings, seed, work / f"corrections-seed-{seed}") for seed in seeds]

@@ -19,7 +19,7 @@ def bench_compile(settings: BenchSettings, artifact: str, texts: list[str]) -> d
     """Predictor.load three ways on the same rows, in interleaved rounds: as before issue 27 (LoRA
     unmerged, KV cache on), eager with the LoRA merged (the CPU default now), and compiled (the
     GPU default, forced on here). Warm-up (the first call, compiles included) is timed apart."""
-    from clf_core.predict import Predictor
+    from clf_core.model.predict import Predictor
 
     before = Predictor.load(artifact, compile="off", merge_lora=False, batch_size=settings.batch_size)
     before.model.get_base_model().config.use_cache = True
@@ -118,7 +118,7 @@ def bench_realpath(settings: BenchSettings, predictor, lines: list[str]) -> dict
 
 def bench_realpath_cpu(settings: BenchSettings, artifact: str, texts: list[str]) -> dict:
     """The realpath item on the CPU: the artifact loaded as a scoring actor loads it."""
-    from clf_core.predict import Predictor
+    from clf_core.model.predict import Predictor
 
     predictor = Predictor.load(artifact, batch_size=settings.batch_size, compile=settings.compile)
     return bench_realpath(settings, predictor, ledger_lines(texts, settings.realpath_rows))
@@ -153,7 +153,7 @@ def realpath_tokenizer(work: Path, max_tokens: int):
     """The tiny byte-level BPE tokenizer of the packaged chart (Mistral's own cannot be downloaded
     on a device machine), loaded as the library loads a model's: real ledger lines to ids that any
     Mistral vocabulary holds (512 of them; pad = EOS = 2, as Mistral's)."""
-    from clf_core.model import load_tokenizer
+    from clf_core.model.build import load_tokenizer
     from jobs.support.tiny import build_tiny_mistral
 
     return load_tokenizer(str(build_tiny_mistral(work / "realpath-tokenizer")), max_tokens)

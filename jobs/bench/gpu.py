@@ -37,7 +37,7 @@ def mistral_config(size: str):
 
 def random_backbone(config, directory: Path, device: str) -> Path:
     """A Mistral with random weights saved as a backbone directory (safetensors shards), so the
-    sweep loads it through the library's own path (clf_core.model.build_classifier: the same
+    sweep loads it through the library's own path (clf_core.model.build.build_classifier: the same
     quantization config, device map, dtype and LoRA as a real Mistral-7B). Built in 16-bit on
     `device` (7B: ~14.5 GB on disk, written once per work folder)."""
     import torch
@@ -66,8 +66,8 @@ def library_nf4_classifier(backbone: Path, size: str, device: str, dtype_name: s
     Returns the model, its config and the hardware it was built for."""
     from types import SimpleNamespace
 
-    from clf_core.config import ClassifierConfig
-    from clf_core.model import build_classifier, resolve_hardware
+    from clf_core.model.config import ClassifierConfig
+    from clf_core.model.build import build_classifier, resolve_hardware
 
     recipe = REPO / "configs" / ("mistral_7b_qlora.yaml" if size == "7b" else "tiny.yaml")
     cfg = ClassifierConfig.load(str(recipe), {"model.backbone": str(backbone), "model.device": device,
@@ -131,7 +131,7 @@ def bench_gpu(settings: BenchSettings, work: Path) -> dict:
     profiler's top ops of each at the largest batch; ratios; and the realpath item on our model."""
     import torch
 
-    from clf_core.predict import Predictor, prepare_for_scoring, use_compile
+    from clf_core.model.predict import Predictor, prepare_for_scoring, use_compile
     from jobs.bench.forward import bench_realpath, ledger_lines, realpath_tokenizer, top_ops
 
     device = settings.device if torch.cuda.is_available() or settings.device == "cpu" else None
@@ -182,7 +182,7 @@ def bench_gpu(settings: BenchSettings, work: Path) -> dict:
             del plain
         loaded = time.perf_counter()
         model, cfg, hw = library_nf4_classifier(backbone, settings.gpu_size, device, dtype_name, config.pad_token_id)
-        print(f"{dtype_name}: loaded and quantized by clf_core.model in {time.perf_counter() - loaded:.0f}s", flush=True)
+        print(f"{dtype_name}: loaded and quantized by clf_core.model.build in {time.perf_counter() - loaded:.0f}s", flush=True)
         if params is None:
             params = sum(p.numel() for p in model.parameters())
         sweep("ours before", dtype_name, model)  # LoRA unmerged, KV cache on, eager: the path timed until issue 27

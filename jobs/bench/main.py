@@ -144,7 +144,7 @@ def table(results: dict) -> str:
     t = results.get("train")
     if t:
         lines.append(f"-- (8) one epoch: {t['train_rows']} train + {t['validation_rows']} validation rows")
-        row("plain torch loop (clf_core.train.Trainer)", t["epoch_seconds"]["plain_torch"], 1.0, "s")
+        row("plain torch loop (clf_core.training.loop.Trainer)", t["epoch_seconds"]["plain_torch"], 1.0, "s")
         row("Ray Train TorchTrainer, 1 worker", t["epoch_seconds"]["ray_train"], t["ratio"], "s")
     c = results.get("compile")
     if c:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if "coldstart" in items:
                 results["coldstart"] = bench_coldstart(settings, artifact, work)
             if "train" in items:
-                from clf_core.artifact import open_artifact
+                from clf_core.model.artifact import open_artifact
 
                 results["train"] = bench_train(settings, open_artifact(artifact).manifest["backbone"]["id"], work)
         if "calibration" in items:

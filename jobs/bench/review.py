@@ -86,9 +86,9 @@ def catalog_for(work: Path) -> str:
 def train_default(rows, seed: int, directory: Path, corrections=None) -> str:
     """The default model (MiniLM, `full_path`) trained in this process on `rows` (85/15 train /
     validation, stratified by the split seed). Returns the artifact's path."""
-    from clf_core.config import ClassifierConfig
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    from clf_core.model.config import ClassifierConfig
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
 
     cfg = ClassifierConfig.load(overrides={"data.text_column": "full_path", "train.split_seed": seed})
     split = stratified_split(rows[["full_path", "label"]], "label", [0.85, 0.15, 0.0], seed)
@@ -99,7 +99,7 @@ def train_default(rows, seed: int, directory: Path, corrections=None) -> str:
 def setup(settings: BenchSettings, seed: int, work: Path) -> Loop:
     import pandas as pd
 
-    from clf_core.data import sample_data_path
+    from clf_core.training.data import sample_data_path
 
     table = pd.read_csv(sample_data_path("coa_income_expense"))
     charts = held_out_charts(table, seed, settings.review_holdout)
@@ -117,8 +117,8 @@ def setup(settings: BenchSettings, seed: int, work: Path) -> Loop:
 
 def label(loop: Loop, model: str, **extra):
     """jobs.label as the nightly cron runs it, on the loop's ledger, table and corrections."""
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import label_job
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import label_job
 
     summary = label_job(LabelSettings(model=model, input=loop.ledger, catalog=catalog_for(loop.work),
                                       output_table=loop.table, cache=loop.cache, review_export=loop.exports,
@@ -130,7 +130,7 @@ def label(loop: Loop, model: str, **extra):
 
 def labeled(loop: Loop):
     """The table's rows joined to the true labels."""
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     rows = LabeledTable(catalog_for(loop.work), loop.table).table.scan().to_pandas()
     return rows.merge(loop.night[["line_id", "true_label"]], on="line_id")
@@ -139,7 +139,7 @@ def labeled(loop: Loop):
 def answer_like_reviewers(loop: Loop) -> tuple[Path, set[str]]:
     """The exported review file answered from the true labels: the right label where the model
     was wrong, empty where it was right. Returns the file and the corrected texts."""
-    from clf_core.review import unguard
+    from clf_core.review.file import unguard
 
     export = Path(loop.exports) / "dt=2024-06-01.csv"
     rows = list(csv.DictReader(io.StringIO(export.read_text(), newline="")))
@@ -160,9 +160,9 @@ def answer_like_reviewers(loop: Loop) -> tuple[Path, set[str]]:
 
 def review_loop(settings: BenchSettings, seed: int, work: Path) -> Loop:
     """Steps 1 to 3 of the module docstring for one seed; the figures land in `loop.figures`."""
-    from clf_core.artifact import open_artifact
-    from clf_core.corrections import CorrectionsTable, audit_estimate
-    from clf_core.review_commands import ImportSettings, import_review
+    from clf_core.model.artifact import open_artifact
+    from clf_core.review.corrections import CorrectionsTable, audit_estimate
+    from clf_core.labeling.review_commands import ImportSettings, import_review
 
     loop = setup(settings, seed, work)
     threshold = open_artifact(loop.artifact).manifest["review"]["threshold"]

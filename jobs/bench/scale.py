@@ -47,7 +47,7 @@ def fill_cache(cache: str, model_version: str, entries: int, known: list[str], p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clf_core.label_cache import ENTRY_SCHEMA, LabelCache
+    from clf_core.labeling.cache import ENTRY_SCHEMA, LabelCache
 
     texts = list(known[:entries]) + [f"Archived account {i:09d}" for i in range(max(0, entries - len(known)))]
     root = Path(LabelCache(cache, model_version).uri)
@@ -88,7 +88,7 @@ def bench_scale(settings: BenchSettings, work: Path) -> dict:
     smallest ledger with label caches of growing size holding half of its texts."""
     import ray
 
-    from clf_core.artifact import open_artifact
+    from clf_core.model.artifact import open_artifact
 
     artifact = str(train_tiny_artifact(work / "scale-model", hidden=64, rows=200, max_steps=4))
     version = open_artifact(artifact).model_version

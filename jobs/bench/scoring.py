@@ -63,7 +63,7 @@ def hf_pipeline(predictor):
 def score_rows(settings: BenchSettings) -> list[str]:
     import pandas as pd
 
-    from clf_core.data import sample_data_path
+    from clf_core.training.data import sample_data_path
 
     texts = pd.read_csv(sample_data_path("coa_income_expense"))[settings.text_column].astype(str).tolist()
     return texts[: settings.rows] if settings.rows else texts
@@ -71,7 +71,7 @@ def score_rows(settings: BenchSettings) -> list[str]:
 
 def bench_scoring(settings: BenchSettings, artifact: str, texts: list[str], items: list[str], work: Path) -> dict:
     """Items 1-5: rows/s of each variant over the same rows in interleaved rounds."""
-    from clf_core.predict import Predictor
+    from clf_core.model.predict import Predictor
 
     predictor = Predictor.load(artifact, batch_size=settings.batch_size)
     variants: dict[str, Callable[[], int]] = {}
@@ -174,11 +174,11 @@ def label_job_runner(settings: BenchSettings, artifact: str, texts: list[str], l
     The local Ray cluster is started once beforehand: its start is not part of a run."""
     import pandas as pd
 
-    from clf_core.artifact import open_artifact
-    from clf_core.label_plan import plan
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import execute
-    from clf_core.table import LabeledTable
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.plan import plan
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import execute
+    from clf_core.labeling.table import LabeledTable
 
     cores = ray_cores()
     catalog = bench_catalog(ledger.parent)
@@ -213,10 +213,10 @@ def bench_dedup(settings: BenchSettings, artifact: str, work: Path) -> dict:
     import pandas as pd
     import pyarrow as pa
 
-    from clf_core.label_cache import LabelCache
-    from clf_core.predict import Predictor
+    from clf_core.labeling.cache import LabelCache
+    from clf_core.model.predict import Predictor
     from jobs.support.sample_ledgers import ledger_partition
-    from clf_core.scoring import ApplyLabels, check_text, distinct_valid_texts
+    from clf_core.labeling.scoring import ApplyLabels, check_text, distinct_valid_texts
 
     nights = [ledger_partition(date(2024, 1, 1) + timedelta(days=n)) for n in range(settings.ledger_nights)]
     ledger = pd.concat(nights, ignore_index=True)
@@ -257,10 +257,10 @@ def bench_dedup(settings: BenchSettings, artifact: str, work: Path) -> dict:
 
 def bench_coldstart(settings: BenchSettings, artifact: str, work: Path) -> dict:
     """Predictor.load quantizing the base on start vs loading a pre-quantized copy of it."""
-    from clf_core.artifact import open_artifact
-    from clf_core.model import resolve_backbone
-    from clf_core.predict import Predictor
-    from clf_core.prequantize import approve, prequantize
+    from clf_core.model.artifact import open_artifact
+    from clf_core.model.build import resolve_backbone
+    from clf_core.model.predict import Predictor
+    from clf_core.model.prequantize import approve, prequantize
 
     if settings.coldstart_hidden:
         artifact = str(train_tiny_artifact(work / "coldstart", hidden=settings.coldstart_hidden, rows=64, max_steps=1))

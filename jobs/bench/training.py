@@ -13,14 +13,14 @@ from jobs.bench.settings import BenchSettings
 
 def bench_train(settings: BenchSettings, backbone: str, work: Path) -> dict:
     """One epoch (train + validation pass, as EpochMetrics.seconds reports it) of the same model on
-    the same rows: clf_core.train.Trainer in this process vs jobs.train's worker under a
+    the same rows: clf_core.training.loop.Trainer in this process vs jobs.train's worker under a
     1-worker TorchTrainer. The cluster and worker start are not part of the epoch. Each run trains
     two epochs and the second is timed: a Ray Train worker is a fresh process, and its first epoch
     pays one-time costs (allocator growth, first calls into the 4-bit kernels) that this
     long-lived process paid long before; a nightly run of many epochs pays them once."""
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
-    from clf_core.train_job import WorkerJob, torch_trainer
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
+    from clf_core.training.job import WorkerJob, torch_trainer
     from jobs.support.tiny import tiny_config
 
     cores = ray_cores()
@@ -53,7 +53,7 @@ def bench_train(settings: BenchSettings, backbone: str, work: Path) -> dict:
 def labeled_rows(n: int):
     import pandas as pd
 
-    from clf_core.data import sample_data_path
+    from clf_core.training.data import sample_data_path
 
     table = pd.read_csv(sample_data_path("coa_income_expense"))
     if n and n < len(table):
@@ -63,8 +63,8 @@ def labeled_rows(n: int):
 
 def train_tiny_artifact(directory: Path, hidden: int = 128, rows: int = 400, max_steps: int = 0) -> Path:
     """A tiny nf4 Mistral classifier trained on real account names (seconds), saved as an artifact."""
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
     from jobs.support.tiny import build_tiny_mistral, tiny_config
 
     if (directory / "model" / "manifest.json").exists():
@@ -84,9 +84,9 @@ def train_tiny_artifact(directory: Path, hidden: int = 128, rows: int = 400, max
 def bench_calibration(settings: BenchSettings, work: Path) -> dict:
     """The default model (backbone and settings of `jobs.train`) trained on 65% of the packaged
     chart, calibrated on 10%, measured on the held-out 25%, once per split seed."""
-    from clf_core.config import ClassifierConfig
-    from clf_core.data import stratified_split
-    from clf_core.recipe import train_classifier
+    from clf_core.model.config import ClassifierConfig
+    from clf_core.training.data import stratified_split
+    from clf_core.training.recipe import train_classifier
 
     seeds = [int(x) for x in settings.calibration_seeds.split(",")]
     overrides = {"data.text_column": settings.text_column, "train.split": [0.65, 0.10, 0.25]}

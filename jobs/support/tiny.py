@@ -19,7 +19,7 @@ TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 def tiny_config(backbone: str | Path, overrides: dict[str, Any] | None = None):
     """configs/tiny.yaml for `backbone`, with dotted overrides (e.g. {"train.epochs": 1})."""
-    from clf_core.config import ClassifierConfig
+    from clf_core.model.config import ClassifierConfig
 
     return ClassifierConfig.load(str(TINY_CONFIG), {"model.backbone": str(backbone), **(overrides or {})})
 
@@ -50,7 +50,7 @@ def build_tiny_mistral(directory: str | Path, *, hidden_size: int = 128, layers:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from clf_core.data import sample_data_path
+    from clf_core.training.data import sample_data_path
 
     directory = Path(directory)
     if (directory / "config.json").exists():

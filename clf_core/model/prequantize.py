@@ -1,6 +1,6 @@
 """Quantize a backbone to nf4 once and save the 4-bit weights, so scoring actors skip the work.
 
-    from clf_core.prequantize import prequantize, approve
+    from clf_core.model.prequantize import prequantize, approve
     prequantize(cfg, "/models/mistral-7b", "/models/mistral-7b-nf4")      # once, on any machine
     approve("s3://models/ledger-clf/v3", "/models/mistral-7b-nf4")         # the publisher, once
     Predictor.load("s3://models/ledger-clf/v3", backbone="/models/mistral-7b-nf4")
@@ -11,7 +11,7 @@ start; a pre-quantized copy is ~4 GB of safetensors that `from_pretrained` loads
 LM head: the classifier adds its own), next to the tokenizer files.
 
 The artifact's backbone check stays meaningful: an artifact accepts a pre-quantized copy only when
-its manifest lists the copy's content hash (`approve` adds it, clf_core.artifact.approve_backbone_copy).
+its manifest lists the copy's content hash (`approve` adds it, clf_core.model.artifact.approve_backbone_copy).
 `prequantized.json` beside the weights records where they came from, for people and for
 `approve`'s checks; nothing trusts it when loading, since anyone who can change the weights can
 change it too.
@@ -25,10 +25,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from clf_core.artifact import approve_backbone_copy, open_artifact
-from clf_core.config import ClassifierConfig
+from clf_core.model.artifact import approve_backbone_copy, open_artifact
+from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model import PREQUANTIZED_META, backbone_fingerprint, quantization_config, resolve_backbone, resolve_hardware
+from clf_core.model.build import PREQUANTIZED_META, backbone_fingerprint, quantization_config, resolve_backbone, resolve_hardware
 from clf_core.settings import setting
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, devic
 
     Quantize on the kind of device that will load it: bitsandbytes packs 4-bit weights the same
     way on CPU and GPU, but the compute dtype saved is the quantizing device's (the loader
-    replaces it with the loading hardware's, see clf_core.model.load_base)."""
+    replaces it with the loading hardware's, see clf_core.model.build.load_base)."""
     from transformers import AutoModel
 
     if cfg.model.quantization == "none":
@@ -104,7 +104,7 @@ def approve(artifact: str, copy: str | Path) -> str:
         meta = json.loads((root / PREQUANTIZED_META).read_text())
         quant = json.loads((root / "config.json").read_text()).get("quantization_config", {})
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{root} is not a pre-quantized copy made by clf_core.prequantize ({exc}); make one "
+        raise ConfigError(f"{root} is not a pre-quantized copy made by clf_core.model.prequantize ({exc}); make one "
                           f"with prequantize(cfg, <backbone>, {str(root)!r}).") from exc
     expected = art.manifest["backbone"].get("sha256")
     if meta.get("source", {}).get("sha256") != expected:

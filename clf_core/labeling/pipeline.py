@@ -1,10 +1,10 @@
 """Label planned ledger partitions into the Iceberg table with Ray Data (jobs.label, jobs.backfill).
 
 `label_job` runs a job from its settings: open the model (verified once, passed down), the table
-and the reviewers' answers, plan (clf_core.label_plan), then `run`, the whole flow, one stage per
+and the reviewers' answers, plan (clf_core.labeling.plan), then `run`, the whole flow, one stage per
 line:
 
-  read      the planned Parquet files (clf_core.label_plan chose them)
+  read      the planned Parquet files (clf_core.labeling.plan chose them)
   distinct  each valid text once, run-wide, with its count of rows (a shuffle: several actors
             would otherwise score the same text in different batches); texts reviewers answered
             are left out, they are never scored
@@ -16,7 +16,7 @@ line:
             applied (no scoring)
   write     Parquet data files into the table's location
   commit    each partition in its own Iceberg transaction, as soon as its files add up to its
-            rows (clf_core.table)
+            rows (clf_core.labeling.table)
   compact   the label cache, when this model version has more than --cache-max-files files
 
 Each stage returns what it did; `run` adds it up into the Summary the job prints. The driver
@@ -36,16 +36,16 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clf_core import partitions as parts
+from clf_core.labeling import partitions as parts
 from clf_core import storage
-from clf_core.label_cache import LabelCache, lookup
-from clf_core.label_plan import Plan, Rewrite, describe_plan
-from clf_core.label_settings import LabelSettings, review_threshold
+from clf_core.labeling.cache import LabelCache, lookup
+from clf_core.labeling.plan import Plan, Rewrite, describe_plan
+from clf_core.labeling.settings import LabelSettings, review_threshold
 from clf_core.logs import quiet_libraries
 from clf_core.progress import Progress
 from clf_core.runtime import failure_reason, footer_readers_for
-from clf_core.scoring import REVIEW_REASONS, ROWS, TEXT, ApplyCorrections, ApplyLabels, TextScorer, distinct_valid_texts
-from clf_core.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
+from clf_core.labeling.scoring import REVIEW_REASONS, ROWS, TEXT, ApplyCorrections, ApplyLabels, TextScorer, distinct_valid_texts
+from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,11 @@ def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label"
     "backfill" and a tag; the demo): validate, open the model once, the output table and the
     reviewers' answers, plan, then show the plan and run it (see `execute`). Raises ClfError
     (bad input, exit 2) or TableError (an unreadable table, exit 1) before any worker starts."""
-    from clf_core.artifact import open_artifact
-    from clf_core.corrections import CorrectionsTable
-    from clf_core.label_plan import plan
+    from clf_core.model.artifact import open_artifact
+    from clf_core.review.corrections import CorrectionsTable
+    from clf_core.labeling.plan import plan
 
-    from clf_core.registry import resolve_model
+    from clf_core.model.registry import resolve_model
 
     settings.validate()
     if artifact is None:
@@ -88,7 +88,7 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
         artifact=None, corrections=None) -> Summary:
     """Label the planned partitions. A failure is reported in the summary, never raised: a failed
     partition names its reason, and the others still commit."""
-    from clf_core.artifact import open_artifact
+    from clf_core.model.artifact import open_artifact
 
     started = time.monotonic()
     artifact = artifact or open_artifact(settings.model)   # verified once; the actors verify their own copy
@@ -131,13 +131,13 @@ def run(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: s
 
 def report_backfill(settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str, tag: str | None,
                     outcomes: "Outcomes") -> list[str]:
-    """A backfill that replaced another model's labels: what changed (clf_core.backfill_report),
+    """A backfill that replaced another model's labels: what changed (clf_core.labeling.backfill_report),
     published beside the table; a failure here only warns (the labels are committed)."""
     replaced = [name for name in outcomes.committed
                 if name in pl.planned_on and pl.planned_on[name].model_version != model_version]
     if pl.mode != "backfill" or not tag or not replaced:
         return []
-    from clf_core.backfill_report import backfill_diff, publish_report
+    from clf_core.labeling.backfill_report import backfill_diff, publish_report
 
     try:
         diff = backfill_diff(table, tag, replaced, settings.text_column)
@@ -169,7 +169,7 @@ def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_versio
 @dataclass
 class Applied:
     """The reviewers' answers a run applies: which table, as of which snapshot."""
-    corrections: object = None          # clf_core.corrections.CorrectionsTable, or None
+    corrections: object = None          # clf_core.review.corrections.CorrectionsTable, or None
     answers: object = None              # its Answers as of `snapshot_id`
     snapshot_id: int | None = None
 
@@ -214,7 +214,7 @@ class Applied:
     def estimate(self, model_version: str):
         if self.corrections is None or self.corrections.table is None:
             return None
-        from clf_core.corrections import audit_estimate
+        from clf_core.review.corrections import audit_estimate
 
         return audit_estimate(self.corrections.rows(self.snapshot_id), model_version)
 
@@ -276,7 +276,7 @@ class Summary:
     seconds: float = 0.0
     commit_seconds: float = 0.0        # driver time in partition commits (footers + Iceberg transaction)
     run_id: str = ""
-    audit: object = None               # clf_core.corrections.AuditEstimate, with --corrections
+    audit: object = None               # clf_core.review.corrections.AuditEstimate, with --corrections
     backfill_report: list[str] = field(default_factory=list)   # what a backfill changed, in a few lines
 
     @classmethod
@@ -514,7 +514,7 @@ def commit_as_filled(written_files, settings: LabelSettings, pl: Plan, table: La
 def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: parts.Partition | Rewrite,
            written: list[dict], model_version: str, run_id: str, outcomes: Outcomes,
            applied: Applied | None = None) -> None:
-    """Commit one partition (clf_core.table.commit_partition), then export its review rows; the
+    """Commit one partition (clf_core.labeling.table.commit_partition), then export its review rows; the
     partition's outcome is added to `outcomes`."""
     started = time.monotonic()
     applied = applied or Applied()
@@ -561,7 +561,7 @@ def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: pa
     outcomes.reviewed_rows += sum(r["reviewed"] for r in written)
     outcomes.expected_errors += sum(r["expected_errors"] for r in written)
     if settings.review_export:
-        from clf_core.review import export_review
+        from clf_core.review.file import export_review
 
         target = storage.join(settings.review_export, f"{partition.name}.csv")
         try:

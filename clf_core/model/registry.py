@@ -1,6 +1,6 @@
 """A model registry in object storage: published versions, and aliases that say which one labels the books.
 
-    <registry>/<name>/<model_version>/          an artifact (clf_core.artifact), published once
+    <registry>/<name>/<model_version>/          an artifact (clf_core.model.artifact), published once
     <registry>/<name>/aliases/<alias>.json      {"version": "v...", "history": [{at, who, action, from, to, why}, ...]}
 
 `jobs.train --registry URI --name NAME` publishes under URI/NAME/<model_version>/ (the version is

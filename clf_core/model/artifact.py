@@ -7,7 +7,7 @@
       <extra files>            e.g. the evaluation report the train job adds
 
 The frozen backbone is not copied: the manifest names it (hub id or URI) and its content (the
-sha256 of every file loading can read, clf_core.model.backbone_fingerprint), and loading refuses
+sha256 of every file loading can read, clf_core.model.build.backbone_fingerprint), and loading refuses
 any other backbone. `model_version` is a hash of everything loading builds the model from (weights,
 tokenizer, the backbone's content, the model/lora/data settings), not of the time it was made: the
 same model always gets the same version, a different one never does. The top-level copies of
@@ -17,7 +17,7 @@ refuses an artifact whose copies disagree with its `config`.
 Formats: "clf-artifact/2" (written now) as above. "clf-artifact/1" artifacts still load, with the
 version hash they were published with, so labels they made keep their cache keys; their settings
 are cross-checked the same way, but their backbone is named only by file headers and sizes (see
-clf_core.predict.backbone_for), and they cannot use a pre-quantized backbone.
+clf_core.model.predict.backbone_for), and they cannot use a pre-quantized backbone.
 
 Nothing here unpickles anything: weights are read with safetensors only, every file is checked
 against the manifest before use, and a directory holding any file the manifest does not list
@@ -42,7 +42,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from clf_core import storage
-from clf_core.config import ClassifierConfig
+from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ClfError
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
     if not SHA256.fullmatch(str(backbone.get("sha256"))):
         raise ArtifactError(
             f"backbone {backbone.get('id')!r} has no content hash (sha256 = {backbone.get('sha256')!r}); an "
-            f"artifact must name its backbone by content. Pass clf_core.model.backbone_fingerprint(<directory>)."
+            f"artifact must name its backbone by content. Pass clf_core.model.build.backbone_fingerprint(<directory>)."
         )
     root.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state, root / ADAPTER, metadata={"format": "pt"})
@@ -389,7 +389,7 @@ def verify_artifact(root: str | Path) -> Artifact:
 
 def approve_backbone_copy(uri: str, sha256: str) -> dict:
     """Let Predictor.load(uri, backbone=<copy>) accept a copy of the backbone whose content hash
-    is `sha256`: the publisher's step after making a pre-quantized copy (clf_core.prequantize.approve
+    is `sha256`: the publisher's step after making a pre-quantized copy (clf_core.model.prequantize.approve
     checks the copy and calls this). Return the new manifest.
 
     Only manifest.json is rewritten, in one write. The model_version stays (see
@@ -401,7 +401,7 @@ def approve_backbone_copy(uri: str, sha256: str) -> dict:
         raise ArtifactError(f"{uri} is a {art.manifest['format']} artifact, which names its backbone by headers "
                             f"only; a backbone copy can be approved only for clf-artifact/2. Re-train to get one.")
     if not SHA256.fullmatch(sha256):
-        raise ArtifactError(f"{sha256!r} is not a sha256 hex digest (clf_core.model.backbone_fingerprint(dir)['sha256'])")
+        raise ArtifactError(f"{sha256!r} is not a sha256 hex digest (clf_core.model.build.backbone_fingerprint(dir)['sha256'])")
     manifest = copy.deepcopy(art.manifest)
     approved = manifest["backbone"].setdefault("prequantized", [])
     if sha256 in approved or sha256 == manifest["backbone"]["sha256"]:

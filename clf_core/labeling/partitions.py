@@ -5,7 +5,7 @@
 `discover` lists the partition folders and their files with size and ETag (or mtime): what a
 partition's record in the output table compares with, so a late or rewritten file is noticed.
 `inspect` reads each file's footer (no rows) for row counts and the schema checks that would
-otherwise fail the whole run mid-way. The output side is clf_core.table.
+otherwise fail the whole run mid-way. The output side is clf_core.labeling.table.
 """
 
 from __future__ import annotations

@@ -16,15 +16,15 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from clf_core import calibration
-from clf_core.artifact import save_artifact
-from clf_core.calibration import Calibration
-from clf_core.config import ClassifierConfig
-from clf_core.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
-from clf_core.model import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
+from clf_core.model import calibration
+from clf_core.model.artifact import save_artifact
+from clf_core.model.calibration import Calibration
+from clf_core.model.config import ClassifierConfig
+from clf_core.training.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
+from clf_core.model.build import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
                             resolve_backbone, resolve_pooling, resolve_hardware, trainable_state)
-from clf_core.predict import Predictor
-from clf_core.train import EpochMetrics, Trainer, class_weights, evaluate, make_loader, seed_everything
+from clf_core.model.predict import Predictor
+from clf_core.training.loop import EpochMetrics, Trainer, class_weights, evaluate, make_loader, seed_everything
 
 log = logging.getLogger(__name__)
 

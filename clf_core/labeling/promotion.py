@@ -9,9 +9,9 @@ our books", the shadow comparison on real traffic, and rollback.
        either set (--accept-worse --reason overrides, and the reason is recorded)
     -> shadow: the distinct texts of the last --shadow-nights labeled partitions, scored by the
        candidate; how many rows' labels would change, by class pair
-    -> the alias moved, conditionally (clf_core.registry)
+    -> the alias moved, conditionally (clf_core.model.registry)
 
-Both models are scored through the label job's own pass 1 (clf_core.labeling: look the texts up
+Both models are scored through the label job's own pass 1 (clf_core.labeling.pipeline: look the texts up
 in the label cache, score the misses on TextScorer actors, which add them to the cache): the same
 code, the same hardware (GPU actors on a cluster) and the same calibrated confidences as a night,
 and the candidate's labels are in the cache when its backfill runs.
@@ -28,8 +28,8 @@ from datetime import date
 
 import pyarrow as pa
 
-from clf_core import registry
-from clf_core.registry import CHAMPION
+from clf_core.model import registry
+from clf_core.model.registry import CHAMPION
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.settings import bound_problems, setting
 
@@ -95,11 +95,11 @@ def score_texts(texts: list[str], model_uri: str, settings: PromoteSettings, cac
     cache, the misses scored by TextScorer actors (which add them to the cache)."""
     import ray
 
-    from clf_core.artifact import open_artifact
-    from clf_core.label_settings import LabelSettings
-    from clf_core.labeling import configure_ray_data, look_up, score_misses
+    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.settings import LabelSettings
+    from clf_core.labeling.pipeline import configure_ray_data, look_up, score_misses
     from clf_core.runtime import ensure_ray
-    from clf_core.scoring import ROWS, TEXT
+    from clf_core.labeling.scoring import ROWS, TEXT
 
     texts = sorted(set(texts))
     if not texts:
@@ -168,7 +168,7 @@ class Comparison:
 
 def compare(name: str, texts: list[str], truth: list[str], labels: list[str], champion: dict | None,
             candidate: dict) -> Comparison:
-    from clf_core.metrics import classification_metrics
+    from clf_core.model.metrics import classification_metrics
 
     index = {label: i for i, label in enumerate(labels)}
     y = [index[t] for t in truth]
@@ -183,7 +183,7 @@ def compare(name: str, texts: list[str], truth: list[str], labels: list[str], ch
 
 def eval_rows(settings: PromoteSettings, labels: list[str], default_text_column: str) -> tuple[list[str], list[str]]:
     """(texts, true labels) of --eval-data; a label the model does not know fails, naming it."""
-    from clf_core.data import LabelMap, read_table
+    from clf_core.training.data import LabelMap, read_table
 
     text_column = settings.text_column or default_text_column
     table = read_table(settings.eval_data, [text_column, settings.label_column])
@@ -204,7 +204,7 @@ def trained_on(manifest: dict, corrections) -> tuple[int, set[str]]:
 
 def reviewed_rows(settings: PromoteSettings, candidate: dict, champion: dict | None) -> tuple[list[str], list[str]]:
     """The reviewed texts (unscoped answers) neither model was trained on, with their answers."""
-    from clf_core.corrections import CorrectionsTable, latest_per_key
+    from clf_core.review.corrections import CorrectionsTable, latest_per_key
 
     corrections = CorrectionsTable(settings.catalog, settings.corrections)
     rows = corrections.rows()
@@ -272,7 +272,7 @@ def shadow(settings: PromoteSettings, candidate_uri: str, champion_uri: str | No
     them there) or, on a first promotion, with the labels in the table."""
     from pyiceberg.expressions import In
 
-    from clf_core.table import LabeledTable
+    from clf_core.labeling.table import LabeledTable
 
     labeled = LabeledTable(settings.catalog, settings.output_table)
     if labeled.table is None:
@@ -313,7 +313,7 @@ def shadow(settings: PromoteSettings, candidate_uri: str, champion_uri: str | No
 def promote(settings: PromoteSettings) -> tuple[int, str]:
     """(exit status, what happened): 0 promoted (or rolled back), 1 refused by the gate or by a
     concurrent promotion (the alias unchanged). Bad input raises ClfError before anything moves."""
-    from clf_core.artifact import open_artifact
+    from clf_core.model.artifact import open_artifact
 
     settings.validate()
     alias = registry.Alias(settings.registry, settings.name, settings.alias)

@@ -27,7 +27,7 @@ from datetime import timedelta
 from clf_core import storage
 from clf_core.errors import ClfError, ConfigError
 from clf_core.settings import bound_problems, setting
-from clf_core.table import EXPIRED_COMMITS, IDENTIFIER, PREFIX, LabeledTable, commits_as_of
+from clf_core.labeling.table import EXPIRED_COMMITS, IDENTIFIER, PREFIX, LabeledTable, commits_as_of
 
 log = logging.getLogger(__name__)
 

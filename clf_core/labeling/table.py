@@ -9,7 +9,7 @@ Glue (then Athena reads it) or a REST catalog in production. `dt` is an Iceberg 
 partition values are dates, so engines prune by date; input columns keep their types as far as
 Iceberg has them (int8/int16 become int, large_string string, ns timestamps us).
 
-How a partition is labeled exactly once (jobs.label / jobs.backfill, clf_core.labeling):
+How a partition is labeled exactly once (jobs.label / jobs.backfill, clf_core.labeling.pipeline):
 
 1. Ray Data tasks write Parquet data files into the table's location (`WriteDataFiles`). They
    are not part of the table until a snapshot lists them; a crashed run leaves only unlisted
@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clf_core.errors import ClfError, ConfigError
-from clf_core.scoring import FIRST_OUTPUT_COLUMNS, OUTPUT_SCHEMA, REVIEW_REASONS
+from clf_core.labeling.scoring import FIRST_OUTPUT_COLUMNS, OUTPUT_SCHEMA, REVIEW_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ class LabeledTable:
 
     def rows_answered(self, answers, partitions: list[str], text_column: str) -> dict[str, int]:
         """Per partition of `partitions`: how many of its rows hold a text (and scope) that
-        `answers` (clf_core.corrections.Answers) answer. Reads only the partition, text and scope
+        `answers` (clf_core.review.corrections.Answers) answer. Reads only the partition, text and scope
         columns of those partitions' files."""
         from pyiceberg.expressions import And, In
 

@@ -9,7 +9,7 @@ call `run` and `train_worker` with the same typed objects.
     -> rank 0: best weights -> calibrate on validation -> evaluate held-out -> publish artifact
        (to --output, or into --registry under --name/<model_version>/)
 
-With --corrections, the answers of a corrections table (clf_core.corrections) join the data: an
+With --corrections, the answers of a corrections table (clf_core.review.corrections) join the data: an
 answer overrides the file's label for the same text, an answered text the file lacks is added,
 and a text is in one split only. The snapshot used, the counts and the answered texts held out
 for the test split go into the manifest (`training.corrections`): the promotion gate compares
@@ -27,11 +27,11 @@ import time
 from dataclasses import asdict, dataclass
 
 from clf_core import storage
-from clf_core.config import ClassifierConfig
-from clf_core.data import LabelMap, Split, read_table, stratified_split
+from clf_core.model.config import ClassifierConfig
+from clf_core.training.data import LabelMap, Split, read_table, stratified_split
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
-from clf_core.registry import version_uri
+from clf_core.model.registry import version_uri
 from clf_core.settings import bound_problems, setting
 
 log = logging.getLogger("jobs.train")
@@ -70,7 +70,7 @@ class TrainJobSettings:
                               at_least=0, hint="0 = every row", default=0)
 
     def validate(self) -> "TrainJobSettings":
-        from clf_core.registry import NAME
+        from clf_core.model.registry import NAME
 
         problems = bound_problems(self)
         if self.output.strip() and (self.registry or self.name):
@@ -133,7 +133,7 @@ def add_answers(table, text_column: str, label_column: str, labels: list[str], c
     row per text; and what they contributed, for the log, the report and the manifest."""
     import pandas as pd
 
-    from clf_core.corrections import CorrectionsTable, latest_per_key
+    from clf_core.review.corrections import CorrectionsTable, latest_per_key
 
     corrections = CorrectionsTable(catalog, identifier)
     latest = latest_per_key(corrections.rows()).to_pylist()
@@ -227,9 +227,9 @@ def train_worker(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from clf_core.data import Collator, LabeledTexts
-    from clf_core.recipe import prepare, truncation_report
-    from clf_core.train import Trainer, class_weights, make_loader
+    from clf_core.training.data import Collator, LabeledTexts
+    from clf_core.training.recipe import prepare, truncation_report
+    from clf_core.training.loop import Trainer, class_weights, make_loader
 
     setup_logging()
     job: WorkerJob = config["job"]
@@ -285,9 +285,9 @@ def train_worker(config: dict) -> None:
 
 def evaluate_and_publish(job: WorkerJob, prepared, trainer, resumed_from, token_report) -> None:
     """Rank 0, best weights: calibrate on validation, evaluate the held-out split, publish."""
-    from clf_core.artifact import publish
-    from clf_core.recipe import TrainRun
-    from clf_core.report import build_report
+    from clf_core.model.artifact import publish
+    from clf_core.training.recipe import TrainRun
+    from clf_core.training.report import build_report
 
     cfg, split = job.cfg, job.split
     run = TrainRun(prepared, trainer, token_report)
@@ -404,7 +404,7 @@ def run(settings: TrainJobSettings, cfg: ClassifierConfig) -> int:
 
 
 def published_summary(output: str, checkpoints: str, seconds: float) -> str:
-    from clf_core.artifact import open_artifact
+    from clf_core.model.artifact import open_artifact
 
     artifact = open_artifact(output)
     manifest = artifact.manifest

@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
-from clf_core.config import TrainConfig
-from clf_core.data import Collator, LabeledTexts
-from clf_core.artifact import sha256_file
+from clf_core.model.config import TrainConfig
+from clf_core.training.data import Collator, LabeledTexts
+from clf_core.model.artifact import sha256_file
 from clf_core.errors import CheckpointError
-from clf_core.metrics import classification_metrics
-from clf_core.model import load_trainable_state, trainable_state
+from clf_core.model.metrics import classification_metrics
+from clf_core.model.build import load_trainable_state, trainable_state
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The callables Ray Data wraps to label ledger rows; each also runs as plain Python in tests.
 
-Labeling runs in two streaming passes (see clf_core.labeling for why):
+Labeling runs in two streaming passes (see clf_core.labeling.pipeline for why):
 
     TextScorer       (pass 1, actor, holds the model)           cache misses -> new cache entries
     ApplyLabels      (pass 2, actor, holds the run's labels)    ledger rows  -> rows + label columns
@@ -23,7 +23,7 @@ Who should look at a row (`needs_review`, and why in `review_reason`), in this o
 the least confident share of the run's rows, --review-budget), `audit` (a stable random sample,
 --audit-fraction, chosen by a hash of the text and the model version, so that a re-run flags the
 same rows and the sample measures the errors nobody else is shown). A row whose text a reviewer
-answered (clf_core.corrections) gets the answer, `label_source = review`, confidence 1.0, and is
+answered (clf_core.review.corrections) gets the answer, `label_source = review`, confidence 1.0, and is
 never flagged.
 """
 
@@ -39,8 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clf_core.corrections import MODEL_SOURCE, REVIEW_SOURCE
-from clf_core.label_cache import LabelCache
+from clf_core.review.corrections import MODEL_SOURCE, REVIEW_SOURCE
+from clf_core.labeling.cache import LabelCache
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class TextScorer:
 
     Returns the entries it scored (text, label, confidence): they stay in Ray's object store for
     the label actors, and the driver only counts them. It never reads the cache: the run's texts
-    come here already looked up (clf_core.label_cache.lookup), so its memory and start time do not
+    come here already looked up (clf_core.labeling.cache.lookup), so its memory and start time do not
     grow with the cache.
     """
 
@@ -186,7 +186,7 @@ class TextScorer:
         import torch  # in the actor, not the driver
 
         from clf_core.logs import setup_logging
-        from clf_core.predict import Predictor
+        from clf_core.model.predict import Predictor
 
         setup_logging()  # this process is a Ray worker: its INFO lines reach the job's log
         started = time.monotonic()
@@ -218,7 +218,7 @@ class ApplyLabels:
     object refs of them; text, label, confidence, null labels skipped): it never reads the cache,
     so neither the cache's size nor a compaction running meanwhile can change what it sees.
     Without `run_labels` (tools, tests) it loads the whole cache. `answers` are the reviewers'
-    (clf_core.corrections.Answers, or an object ref of them).
+    (clf_core.review.corrections.Answers, or an object ref of them).
 
     `review_budget` flags the least confident share of the run's rows: every labeler computes the
     same set of texts from the same run labels and their row counts (`budget`), so the rule

@@ -14,7 +14,7 @@ holds the same value. Of the answers that apply to a row, the latest is the one 
 A label run reads the answers as of one snapshot of the table (`Answers`): rows whose text (and
 scope) has an answer get it, with `label_source = review`, instead of the model's label; the
 snapshot id goes into each partition's commit record, so a later run knows which answers a
-partition already holds (clf_core.label_plan). Answers are a person's work, thousands of rows
+partition already holds (clf_core.labeling.plan). Answers are a person's work, thousands of rows
 rather than millions: they are read whole, on the driver, and handed to the workers as one
 object.
 """
@@ -30,7 +30,7 @@ from datetime import date, datetime, timezone
 import pyarrow as pa
 
 from clf_core.errors import ClfError, DataError
-from clf_core.review import CORRECTED, ReviewFile
+from clf_core.review.file import CORRECTED, ReviewFile
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class CorrectionsTable:
     def __init__(self, catalog_name: str, identifier: str):
         from pyiceberg.exceptions import NoSuchTableError
 
-        from clf_core.table import open_catalog, parse_identifier
+        from clf_core.labeling.table import open_catalog, parse_identifier
 
         self.catalog_name, self.identifier = catalog_name, identifier
         self.namespace, _ = parse_identifier(identifier, flag="--corrections")

@@ -4,11 +4,11 @@ Within each call the texts are sorted by token length and cut into batches, so a
 rows of nearly equal length (few wasted tokens), then results are put back in input order.
 Right padding plus the attention mask means a row gets the same probabilities alone or in any
 batch (tested to 1e-4). The probabilities are calibrated: the logits are divided by the
-temperature the artifact was calibrated with (clf_core.calibration), so every scorer (this one,
+temperature the artifact was calibrated with (clf_core.model.calibration), so every scorer (this one,
 the label job's actors, the bench) gives a row the same calibrated confidence.
 
 For scoring, `Predictor.load` folds the LoRA adapters into 16-bit copies of the projections they
-adapt (clf_core.model.merge_lora_for_scoring: one matmul instead of three, scores within 1e-3)
+adapt (clf_core.model.build.merge_lora_for_scoring: one matmul instead of three, scores within 1e-3)
 and, on a GPU, compiles the forward pass (model.compile). A compiled forward recompiles for
 every new input shape, so it pads a batch's length up to a few buckets (SHAPE_LENGTHS) and its
 row count up to a short list (batch_size, 1/2, 1/4, 1/8 of it): a run compiles at most
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clf_core.artifact import Artifact, open_artifact
-from clf_core.data import TokenStats
+from clf_core.model.artifact import Artifact, open_artifact
+from clf_core.training.data import TokenStats
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model import (PREQUANTIZED_META, Hardware, backbone_fingerprint, build_classifier, header_fingerprint,
+from clf_core.model.build import (PREQUANTIZED_META, Hardware, backbone_fingerprint, build_classifier, header_fingerprint,
                             load_tokenizer, load_trainable_state, merge_lora_for_scoring, resolve_backbone,
                             resolve_hardware)
 from clf_core.storage import cache_dir
@@ -217,7 +217,7 @@ class Predictor:
         """(row indices, tokenized batch) per forward pass, as `predict` runs them: texts sorted by
         token length, cut into batches of batch_size, each padded on the right to its longest row
         (compiled: to buckets). The texts are tokenized once, for their lengths and their ids
-        alike (the ids clf_core.data.encode_batch gives, tested); only the rows longer than
+        alike (the ids clf_core.training.data.encode_batch gives, tested); only the rows longer than
         max_tokens are encoded again, with the tokenizer's own truncation (which keeps a closing
         special token such as BERT's [SEP]). Tokenizing time and token counts go to forward_stats
         and stats."""
@@ -268,7 +268,7 @@ class Predictor:
 
 def prepare_for_scoring(model, hw: Hardware, merge_lora: bool = True) -> int:
     """A freshly loaded model made ready to score only (never to train): no KV cache, and the LoRA
-    adapters folded into their projections (clf_core.model.merge_lora_for_scoring) unless
+    adapters folded into their projections (clf_core.model.build.merge_lora_for_scoring) unless
     `merge_lora` is False. Returns the number of projections merged."""
     # Scoring never generates: without a KV cache each layer's keys and values are neither copied
     # nor kept alive until the forward ends, and every decoder layer runs the same code (the cache
@@ -319,7 +319,7 @@ def backbone_for(art: Artifact, override: str | None = None) -> str:
         return source
     if (Path(source) / PREQUANTIZED_META).is_file():
         detail = (f"It is a pre-quantized copy this artifact does not approve; its publisher can approve it "
-                  f"with clf_core.prequantize.approve(<artifact URI>, {source!r}).")
+                  f"with clf_core.model.prequantize.approve(<artifact URI>, {source!r}).")
     else:
         recorded = entry.get("files", {})
         differ = sorted(n for n in set(recorded) | set(actual["files"]) if recorded.get(n) != actual["files"].get(n))

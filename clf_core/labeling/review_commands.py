@@ -13,12 +13,12 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
-from clf_core.corrections import CorrectionsTable, audit_estimate, corrections_from_file, fixes
+from clf_core.review.corrections import CorrectionsTable, audit_estimate, corrections_from_file, fixes
 from clf_core.errors import ClfError, ConfigError, DataError
-from clf_core.review import CORRECTED, read_review_file
-from clf_core.scoring import REVIEW_REASONS
+from clf_core.review.file import CORRECTED, read_review_file
+from clf_core.labeling.scoring import REVIEW_REASONS
 from clf_core.settings import bound_problems, setting
-from clf_core.table import IDENTIFIER, LabeledTable
+from clf_core.labeling.table import IDENTIFIER, LabeledTable
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from datetime import date
 
 import pyarrow as pa
 
-from clf_core import partitions as parts
+from clf_core.labeling import partitions as parts
 from clf_core import storage
-from clf_core.label_settings import LabelSettings
-from clf_core.scoring import OUTPUT_COLUMNS
-from clf_core.table import DATE, LabeledTable, PartitionCommit, PartitionFiles, input_changes
+from clf_core.labeling.settings import LabelSettings
+from clf_core.labeling.scoring import OUTPUT_COLUMNS
+from clf_core.labeling.table import DATE, LabeledTable, PartitionCommit, PartitionFiles, input_changes
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ def plan(settings: LabelSettings, model_version: str, table: LabeledTable, start
     longer add up to their commit, all with --force; with a date range, only those inside it; for
     backfills, also those labeled by another model version (which makes an interrupted backfill
     resumable: what it finished is skipped on the re-run). With `corrections`
-    (clf_core.corrections.CorrectionsTable), also the labeled partitions to rewrite with new answers."""
+    (clf_core.review.corrections.CorrectionsTable), also the labeled partitions to rewrite with new answers."""
     if settings.backbone and not storage.is_remote(settings.backbone):
         # the check every scoring actor makes on start, made once here (remote copies are
         # checked by the actors, which download them anyway)
-        from clf_core.artifact import open_artifact
-        from clf_core.predict import backbone_for
+        from clf_core.model.artifact import open_artifact
+        from clf_core.model.predict import backbone_for
 
         backbone_for(artifact or open_artifact(settings.model), settings.backbone)
     found = parts.discover(settings.input, settings.partition_key)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from datetime import date
 
 from clf_core.errors import ConfigError
-from clf_core.scoring import OUTPUT_COLUMNS
+from clf_core.labeling.scoring import OUTPUT_COLUMNS
 from clf_core.settings import bound_problems, setting
-from clf_core.table import DATE
+from clf_core.labeling.table import DATE
 
 
 @dataclass
@@ -150,9 +150,9 @@ def parse_date(flag: str, value: str) -> date:
 
 def review_threshold(settings: LabelSettings, artifact=None) -> float:
     """--review-threshold, or the threshold the model (`artifact`, opened from --model if not
-    given) was published with (clf_core.artifact.LEGACY_REVIEW_THRESHOLD for older models)."""
+    given) was published with (clf_core.model.artifact.LEGACY_REVIEW_THRESHOLD for older models)."""
     if settings.review_threshold >= 0:
         return settings.review_threshold
-    from clf_core.artifact import open_artifact
+    from clf_core.model.artifact import open_artifact
 
     return (artifact or open_artifact(settings.model)).review_threshold

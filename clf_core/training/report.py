@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import json
 
-from clf_core.metrics import format_metrics
+from clf_core.model.metrics import format_metrics
 
 
 def _png(fig) -> bytes:
@@ -208,7 +208,7 @@ def corrections_lines(c: dict | None) -> list[str]:
 def build_report(test_metrics: dict, history: list[dict], summary: dict,
                  calibration: dict | None = None) -> dict[str, bytes]:
     """Files for the artifact: metrics.json, confusion_matrix.png, curves.png, report.md, and with
-    `calibration` (clf_core.calibration.evaluate on the held-out split) reliability.png and
+    `calibration` (clf_core.model.calibration.evaluate on the held-out split) reliability.png and
     risk_coverage.png."""
     metrics = {"test": test_metrics, "history": history, **summary}
     if calibration:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from clf_core.artifact import sha256_file
-from clf_core.config import DEFAULT_BACKBONE, ClassifierConfig, ModelConfig
+from clf_core.model.artifact import sha256_file
+from clf_core.model.config import DEFAULT_BACKBONE, ClassifierConfig, ModelConfig
 from clf_core.errors import ArtifactError, ConfigError
 from clf_core.storage import is_remote, local_copy
 
@@ -168,8 +168,8 @@ def fetch_backbone(uri: str, accepted: tuple[str, ...] = ()) -> Path:
     return local
 
 
-# Written by clf_core.prequantize beside the 4-bit weights it saved: where they came from, for
-# people and for clf_core.prequantize.approve. Nothing trusts it: an artifact accepts a
+# Written by clf_core.model.prequantize beside the 4-bit weights it saved: where they came from, for
+# people and for clf_core.model.prequantize.approve. Nothing trusts it: an artifact accepts a
 # pre-quantized copy only when its manifest lists the copy's content hash.
 PREQUANTIZED_META = "prequantized.json"
 
@@ -367,7 +367,7 @@ def load_base(cfg: ClassifierConfig, source: str, hw: Hardware):
 
     labels = cfg.data.labels
     with warnings.catch_warnings():
-        # A pre-quantized base (clf_core.prequantize) keeps its saved config, which is ours; the
+        # A pre-quantized base (clf_core.model.prequantize) keeps its saved config, which is ours; the
         # warning that ours is ignored says nothing to act on.
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config` attribute.*")
         model = AutoModelForSequenceClassification.from_pretrained(

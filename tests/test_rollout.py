@@ -13,7 +13,8 @@ import threading
 import pandas as pd
 import pytest
 
-from clf_core import registry, storage
+from clf_core import storage
+from clf_core.model import registry
 from clf_core.model.artifact import open_artifact, publish
 from conftest import ledger_rows
 from jobs import promote as promote_job

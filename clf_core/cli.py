@@ -63,7 +63,7 @@ def run(body: Callable[[], int]) -> int:
     be read, or an object store that cannot be used, is 1 and says which; a closed pipe (`| head`)
     ends the job quietly. Anything else is a bug and keeps its traceback."""
     from clf_core.storage import StorageAccessError, access_problem
-    from clf_core.labeling.table import TableError
+    from clf_core.errors import TableError
 
     try:
         return body()

@@ -19,3 +19,8 @@ class ArtifactError(ClfError):
 
 class CheckpointError(ClfError):
     """A training checkpoint is incomplete or altered, so it is not restored."""
+
+
+class TableError(ClfError):
+    """The output table exists but cannot be read (unreadable metadata, an unreachable store):
+    a run-time failure (exit 1), named with the object and the fix, never a traceback."""

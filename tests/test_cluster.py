@@ -894,7 +894,7 @@ def check_catalog_env(where: str, env_vars: dict, name: str, region: str, monkey
     # And the jobs' own way of opening it builds a Glue client for that region (no network call).
     pytest.importorskip("boto3")
     from clf_core.errors import ConfigError
-    from clf_core.labeling.table import open_catalog
+    from clf_core.catalog import open_catalog
 
     for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(var, raising=False)

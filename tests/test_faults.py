@@ -47,7 +47,9 @@ from clf_core.labeling.plan import plan
 from clf_core.labeling.scoring import OUTPUT_COLUMNS
 from clf_core.labeling.settings import LabelSettings
 from clf_core.labeling.scoring import check_text
-from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
+from clf_core.labeling.records import PartitionCommit
+from clf_core.labeling.table import CommitError, LabeledTable
+from clf_core.labeling.write import WriteDataFiles
 from conftest import ledger_rows
 from jobs.support.tiny import TINY_CONFIG
 from test_cluster import find_secrets

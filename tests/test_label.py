@@ -27,7 +27,9 @@ from clf_core.labeling.cache import LabelCache
 from clf_core.model.predict import Predictor
 from clf_core.labeling.settings import LabelSettings, review_threshold
 from clf_core.labeling.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, check_text
-from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
+from clf_core.labeling.records import PartitionCommit
+from clf_core.labeling.table import CommitError, LabeledTable
+from clf_core.labeling.write import WriteDataFiles
 from conftest import ledger_rows
 from jobs import backfill, label
 from jobs import table as table_job
@@ -529,7 +531,7 @@ def test_every_reader_sees_each_row_once(ray_cluster, s3_bucket, iceberg_catalog
     import polars as pl
     import ray
 
-    from clf_core.labeling.table import catalog_config
+    from clf_core.catalog import catalog_config
 
     src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     days = {day: ledger_day(30, i) for i, day in enumerate(DAYS)}

@@ -27,7 +27,9 @@ from datetime import timedelta
 from clf_core import storage
 from clf_core.errors import ClfError, ConfigError
 from clf_core.settings import bound_problems, setting
-from clf_core.labeling.table import EXPIRED_COMMITS, IDENTIFIER, PREFIX, LabeledTable, commits_as_of
+from clf_core.catalog import IDENTIFIER
+from clf_core.labeling.records import EXPIRED_COMMITS, PREFIX, commits_as_of
+from clf_core.labeling.table import LabeledTable
 
 log = logging.getLogger(__name__)
 

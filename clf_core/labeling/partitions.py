@@ -22,6 +22,8 @@ from clf_core.errors import ClfError
 
 log = logging.getLogger(__name__)
 
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
 
 @dataclass
 class Partition:

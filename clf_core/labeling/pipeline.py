@@ -30,22 +30,25 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clf_core.labeling import partitions as parts
 from clf_core import storage
+from clf_core.labeling import partitions as parts
 from clf_core.labeling.cache import LabelCache, lookup
-from clf_core.labeling.plan import Plan, Rewrite, describe_plan
+from clf_core.labeling.commit import commit_as_filled
+from clf_core.labeling.plan import Plan, describe_plan
+from clf_core.labeling.scoring import ROWS, TEXT, ApplyCorrections, ApplyLabels, TextScorer, distinct_valid_texts
 from clf_core.labeling.settings import LabelSettings, review_threshold
+from clf_core.labeling.summary import Applied, Outcomes, Scores, Summary
+from clf_core.labeling.table import LabeledTable
+from clf_core.labeling.write import WriteDataFiles
 from clf_core.logs import quiet_libraries
 from clf_core.progress import Progress
 from clf_core.runtime import failure_reason, footer_readers_for
-from clf_core.labeling.scoring import REVIEW_REASONS, ROWS, TEXT, ApplyCorrections, ApplyLabels, TextScorer, distinct_valid_texts
-from clf_core.labeling.table import CommitError, LabeledTable, PartitionCommit, WriteDataFiles
 
 log = logging.getLogger(__name__)
 
@@ -166,160 +169,7 @@ def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_versio
     return summary
 
 
-@dataclass
-class Applied:
-    """The reviewers' answers a run applies: which table, as of which snapshot."""
-    corrections: object = None          # clf_core.review.corrections.CorrectionsTable, or None
-    answers: object = None              # its Answers as of `snapshot_id`
-    snapshot_id: int | None = None
-
-    @classmethod
-    def of(cls, corrections, pl: Plan) -> "Applied":
-        if corrections is None:
-            return cls()
-        answers = pl.answers if pl.answers is not None else corrections.answers()
-        return cls(corrections, answers, answers.snapshot_id)
-
-    @property
-    def identifier(self) -> str:
-        return self.corrections.identifier if self.corrections is not None else ""
-
-    def shared(self):
-        """The answers as one object in Ray's object store (None: no answers)."""
-        if self.answers is None or not len(self.answers):
-            return None
-        import ray
-
-        return ray.put(self.answers)
-
-    def record(self, commit: PartitionCommit) -> PartitionCommit:
-        """A partition's commit record, saying which answers its rows hold."""
-        if self.corrections is None:
-            return commit
-        return dataclasses.replace(commit, corrections=self.identifier, corrections_snapshot=self.snapshot_id)
-
-    def remember_search(self, table: LabeledTable, pl: Plan, outcomes: "Outcomes") -> None:
-        """Once every labeled partition was searched and every rewrite committed, say so on the
-        table, so the next run searches only what is committed after this plan."""
-        if self.corrections is None or not len(self.answers) or not pl.searched_all or table.table is None:
-            return
-        if outcomes.failed or any(r.name in outcomes.left for r in pl.to_correct):
-            return
-        try:
-            table.set_corrections_watermark(self.identifier, self.snapshot_id, pl.table_snapshot)
-        except Exception as exc:  # only an optimisation: the next run searches again
-            log.warning("could not record that every partition holds the answers of %s (%s); the next run "
-                        "searches again", self.identifier, failure_reason(exc))
-
-    def estimate(self, model_version: str):
-        if self.corrections is None or self.corrections.table is None:
-            return None
-        from clf_core.review.corrections import audit_estimate
-
-        return audit_estimate(self.corrections.rows(self.snapshot_id), model_version)
-
-
 # ---- what the stages return ---------------------------------------------------------------------
-
-@dataclass
-class Scores:
-    """Pass 1: the run's distinct texts, how many came from the cache, how many were scored, and
-    the run's labels as Ray object refs of (text, label, confidence) blocks."""
-    distinct_texts: int = 0
-    cache_hits: int = 0
-    scored: int = 0
-    run_labels: list = field(default_factory=list)
-
-
-@dataclass
-class Outcomes:
-    """Pass 2: what became of each planned partition, and the labeled rows' counts."""
-    committed: list[str] = field(default_factory=list)
-    corrected: list[str] = field(default_factory=list)     # rewritten with reviewers' answers only
-    left: dict[str, str] = field(default_factory=dict)    # committed by a concurrent run instead
-    failed: dict[str, str] = field(default_factory=dict)
-    rows: int = 0
-    error_rows: int = 0
-    review_rows: int = 0
-    reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REVIEW_REASONS, 0))
-    reviewed_rows: int = 0             # rows labeled with a reviewer's answer
-    expected_errors: float = 0.0
-    commit_seconds: float = 0.0
-
-    @classmethod
-    def all_failed(cls, pl: Plan, why: str) -> "Outcomes":
-        log.error(why)
-        return cls(failed={name: why for name in [p.name for p in pl.todo] + [r.name for r in pl.to_correct]})
-
-    def done(self, name: str) -> bool:
-        return name in self.committed or name in self.corrected or name in self.left or name in self.failed
-
-
-@dataclass
-class Summary:
-    partitions_committed: list[str] = field(default_factory=list)
-    partitions_corrected: list[str] = field(default_factory=list)   # rewritten with reviewers' answers
-    partitions_skipped: list[str] = field(default_factory=list)
-    partitions_failed: dict[str, str] = field(default_factory=dict)
-    partitions_left: dict[str, str] = field(default_factory=dict)  # committed by a concurrent run instead
-    rows_in: int = 0
-    rows_out: int = 0
-    error_rows: int = 0
-    review_rows: int = 0
-    review_reasons: dict[str, int] = field(default_factory=dict)   # review_reason -> rows
-    reviewed_rows: int = 0             # rows labeled with a reviewer's answer
-    expected_errors: float = 0.0       # sum of 1 - calibrated confidence over labeled rows not flagged
-    review_threshold: float = -1.0
-    distinct_texts: int = 0
-    scored: int = 0
-    cache_hits: int = 0
-    seconds: float = 0.0
-    commit_seconds: float = 0.0        # driver time in partition commits (footers + Iceberg transaction)
-    run_id: str = ""
-    audit: object = None               # clf_core.review.corrections.AuditEstimate, with --corrections
-    backfill_report: list[str] = field(default_factory=list)   # what a backfill changed, in a few lines
-
-    @classmethod
-    def of(cls, pl: Plan, threshold: float, run_id: str = "", scores: Scores | None = None,
-           outcomes: Outcomes | None = None, seconds: float = 0.0, audit=None, report=None) -> "Summary":
-        scores, outcomes = scores or Scores(), outcomes or Outcomes()
-        return cls(partitions_committed=outcomes.committed, partitions_corrected=outcomes.corrected,
-                   partitions_skipped=list(pl.skipped),
-                   partitions_failed={**pl.failed, **outcomes.failed}, partitions_left=outcomes.left,
-                   rows_in=sum(p.rows for p in pl.todo) + sum(r.rows for r in pl.to_correct), rows_out=outcomes.rows,
-                   error_rows=outcomes.error_rows, review_rows=outcomes.review_rows,
-                   review_reasons=dict(outcomes.reasons), reviewed_rows=outcomes.reviewed_rows,
-                   expected_errors=outcomes.expected_errors,
-                   review_threshold=threshold, distinct_texts=scores.distinct_texts, scored=scores.scored,
-                   cache_hits=scores.cache_hits, seconds=seconds, commit_seconds=outcomes.commit_seconds,
-                   run_id=run_id, audit=audit, backfill_report=list(report or []))
-
-    @property
-    def ok(self) -> bool:
-        return not self.partitions_failed
-
-    @property
-    def exit_status(self) -> int:
-        return 0 if self.ok else 1
-
-    def report(self) -> str:
-        why = ", ".join(f"{reason} {self.review_reasons[reason]}" for reason in REVIEW_REASONS
-                        if self.review_reasons.get(reason))
-        lines = [f"labeled {len(self.partitions_committed)} partition(s), "
-                 f"{f'answered {len(self.partitions_corrected)}, ' if self.partitions_corrected else ''}"
-                 f"skipped {len(self.partitions_skipped)}, "
-                 f"left to another run {len(self.partitions_left)}, failed {len(self.partitions_failed)} | "
-                 f"rows in {self.rows_in}, out {self.rows_out}, with error {self.error_rows}, to review "
-                 f"{self.review_rows}{f' ({why})' if why else ''} (threshold {self.review_threshold:.3f}; about "
-                 f"{self.expected_errors:,.1f} errors expected among the rest), reviewers' answers {self.reviewed_rows} "
-                 f"| distinct texts {self.distinct_texts}: scored {self.scored}, cache hits "
-                 f"{self.cache_hits} | {self.seconds:.1f}s ({self.rows_out / max(self.seconds, 1e-9):.0f} rows/s)"]
-        if self.audit is not None:
-            lines.append("  " + self.audit.line())
-        lines += ["  " + line for line in self.backfill_report]
-        lines += [f"  LEFT   {name}: {why}" for name, why in self.partitions_left.items()]
-        lines += [f"  FAILED {name}: {why}" for name, why in self.partitions_failed.items()]
-        return "\n".join(lines)
 
 
 # ---- pass 1: read -> distinct -> look up -> score -----------------------------------------------
@@ -465,111 +315,6 @@ def write_files(labeled: list, table: LabeledTable):
     rows = labeled[0].union(*labeled[1:]) if len(labeled) > 1 else labeled[0]
     return rows.map_batches(WriteDataFiles(**table.writer_spec()), batch_format="pyarrow", batch_size=None,
                             num_cpus=0.25)
-
-
-def commit_as_filled(written_files, settings: LabelSettings, pl: Plan, table: LabeledTable, model_version: str,
-                     run_id: str, applied: Applied | None = None) -> Outcomes:
-    """Run pass 2, committing each partition as soon as its files add up to its rows. If the
-    pipeline dies, the partitions committed so far stay committed and the rest fail."""
-    outcomes = Outcomes()
-    applied = applied or Applied()
-    by_name: dict[str, parts.Partition | Rewrite] = {p.name: p for p in pl.todo}
-    by_name.update({r.name: r for r in pl.to_correct})
-    written: dict[str, list[dict]] = {name: [] for name in by_name}
-    progress = Progress("pass 2, labeling", sum(p.rows for p in by_name.values()), "rows", settings.progress_every_s)
-
-    def partitions_done() -> str:
-        done = len(outcomes.committed) + len(outcomes.corrected) + len(outcomes.left)
-        return f"{done}/{len(by_name)} partitions committed"
-
-    try:
-        for batch in written_files.iter_batches(batch_format="pyarrow", batch_size=None):
-            for record in batch.to_pylist():
-                name = record["partition"]
-                written[name].append(record)
-                progress.update(record["rows"], partitions_done())
-                got = sum(r["rows"] for r in written[name])
-                if got == by_name[name].rows:
-                    commit(settings, pl, table, by_name[name], written[name], model_version, run_id, outcomes, applied)
-                    log.info("committed %s: %d rows | %s", name, got, partitions_done())
-                elif got > by_name[name].rows:  # never expected: Ray delivers each output block once
-                    log.error("%s: %d rows written for %d input rows", name, got, by_name[name].rows)
-                    outcomes.failed.setdefault(name, f"wrote {got} rows for {by_name[name].rows} input rows")
-    except Exception as exc:
-        why = f"the labeling pipeline failed: {failure_reason(exc)}"
-        log.error(why)
-        for name in by_name:
-            if not outcomes.done(name):
-                outcomes.failed[name] = why
-    progress.close(partitions_done())
-    for name, p in by_name.items():
-        if p.rows == 0 and not outcomes.done(name):  # nothing to read: commit it as labeled, empty
-            commit(settings, pl, table, p, [], model_version, run_id, outcomes, applied)
-        if not outcomes.done(name):
-            got = sum(r["rows"] for r in written[name])
-            outcomes.failed[name] = f"wrote {got} of {p.rows} rows; not committed"
-    return outcomes
-
-
-def commit(settings: LabelSettings, pl: Plan, table: LabeledTable, partition: parts.Partition | Rewrite,
-           written: list[dict], model_version: str, run_id: str, outcomes: Outcomes,
-           applied: Applied | None = None) -> None:
-    """Commit one partition (clf_core.labeling.table.commit_partition), then export its review rows; the
-    partition's outcome is added to `outcomes`."""
-    started = time.monotonic()
-    applied = applied or Applied()
-    rewrite = isinstance(partition, Rewrite)
-    if rewrite:  # the same labels of the same input, now holding the reviewers' answers
-        record = applied.record(dataclasses.replace(partition.record, run_id=run_id, snapshot_id=0, committed_at_ms=0))
-        inputs = tuple(map(tuple, partition.record.input_files))
-    else:
-        inputs = parts.input_files(partition)
-        record = applied.record(PartitionCommit(partition=partition.name, run_id=run_id, model_version=model_version,
-                                                input_files=inputs, input_rows=partition.rows,
-                                                snapshot_id=0, committed_at_ms=0))
-
-    def still_mine(theirs: PartitionCommit) -> bool:
-        # Another run committed this partition while this one labeled it. Replace its labels only
-        # when both read the same input files and this is a backfill to another model version;
-        # otherwise keep theirs (if the inputs differ, the next run sees it and relabels). A
-        # rewrite read the rows the other run replaced: it always leaves them.
-        return not rewrite and tuple(map(tuple, theirs.input_files)) == inputs and pl.mode == "backfill" \
-            and theirs.model_version != model_version
-
-    try:
-        outcome, landed = table.commit_partition(
-            partition.name, partition.value, [r["path"] for r in written], partition.rows, record,
-            pl.planned_on.get(partition.name), still_mine)
-    except CommitError as exc:
-        outcomes.failed[partition.name] = str(exc)
-        return
-    except Exception as exc:  # e.g. the catalog refused past its retries: this partition fails, others go on
-        outcomes.failed[partition.name] = f"commit failed: {failure_reason(exc)}"
-        return
-    finally:
-        outcomes.commit_seconds += time.monotonic() - started
-    if outcome == "left":
-        outcomes.left[partition.name] = (f"committed by run {landed.run_id} (model {landed.model_version}) "
-                                         f"while this run was labeling it; its labels were kept")
-        return
-    (outcomes.corrected if rewrite else outcomes.committed).append(partition.name)
-    outcomes.rows += partition.rows
-    outcomes.error_rows += sum(r["errors"] for r in written)
-    outcomes.review_rows += sum(r["review"] for r in written)
-    for reason in REVIEW_REASONS:
-        outcomes.reasons[reason] += sum(r[f"review_{reason}"] for r in written)
-    outcomes.reviewed_rows += sum(r["reviewed"] for r in written)
-    outcomes.expected_errors += sum(r["expected_errors"] for r in written)
-    if settings.review_export:
-        from clf_core.review.file import export_review
-
-        target = storage.join(settings.review_export, f"{partition.name}.csv")
-        try:
-            export_review(table.table.io, [r["path"] for r in written], target)
-        except Exception as exc:  # the labels are committed; only the convenience copy is missing
-            outcomes.failed[partition.name] = (
-                f"labels committed, but the review export {target} failed: {type(exc).__name__}: {exc}. "
-                f"The rows are in the table (needs_review = true); --force relabels and exports again")
 
 
 def compact_cache(settings: LabelSettings, model_version: str, labels: list[str]) -> None:

@@ -26,7 +26,9 @@ from clf_core.labeling import partitions as parts
 from clf_core import storage
 from clf_core.labeling.settings import LabelSettings
 from clf_core.labeling.scoring import OUTPUT_COLUMNS
-from clf_core.labeling.table import DATE, LabeledTable, PartitionCommit, PartitionFiles, input_changes
+from clf_core.labeling.partitions import DATE
+from clf_core.labeling.records import PartitionCommit, input_changes
+from clf_core.labeling.table import LabeledTable, PartitionFiles
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.review.file import CORRECTED, read_review_file
 from clf_core.labeling.scoring import REVIEW_REASONS
 from clf_core.settings import bound_problems, setting
-from clf_core.labeling.table import IDENTIFIER, LabeledTable
+from clf_core.catalog import IDENTIFIER
+from clf_core.labeling.table import LabeledTable
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from datetime import date
 from clf_core.errors import ConfigError
 from clf_core.labeling.scoring import OUTPUT_COLUMNS
 from clf_core.settings import bound_problems, setting
-from clf_core.labeling.table import DATE
+from clf_core.labeling.partitions import DATE
 
 
 @dataclass

@@ -11,16 +11,17 @@ Iceberg has them (int8/int16 become int, large_string string, ns timestamps us).
 
 How a partition is labeled exactly once (jobs.label / jobs.backfill, clf_core.labeling.pipeline):
 
-1. Ray Data tasks write Parquet data files into the table's location (`WriteDataFiles`). They
+1. Ray Data tasks write Parquet data files into the table's location (clf_core.labeling.write). They
    are not part of the table until a snapshot lists them; a crashed run leaves only unlisted
    files, which no reader sees (and `remove_orphan_files` deletes).
 2. The driver reads each new file's footer (no rows) and commits the partition only when those
    footers add up to the partition's input rows: one Iceberg transaction replaces every data file
    of the partition with the new ones (`commit_partition`). Readers see the old rows or the new
    ones, never both or half.
-3. Each such snapshot's summary is the partition's record: run id, model version, the input files
-   (path, size, ETag or mtime) and rows (`PartitionCommit`). Planning reads the records of the
-   current snapshot's ancestry, so a rollback also rolls the records back.
+3. Each such snapshot's summary is the partition's record (clf_core.labeling.records): run id,
+   model version, the input files (path, size, ETag or mtime), rows and the reviewers' answers it
+   holds. Planning reads the records of the current snapshot's ancestry, so a rollback also rolls
+   the records back.
 4. Two runs on one partition: the commit re-reads the partition's record first; if another run
    committed it since this run planned, the partition is left to that run unless this run would
    still relabel it (e.g. a backfill with another model). Iceberg's own validation catches a
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +39,12 @@ from dataclasses import dataclass, field
 from datetime import date
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from clf_core.errors import ClfError, ConfigError
-from clf_core.labeling.scoring import FIRST_OUTPUT_COLUMNS, OUTPUT_SCHEMA, REVIEW_REASONS
+from clf_core.catalog import metadata_locations, open_catalog, parse_identifier, public_io_properties
+from clf_core.errors import ClfError, TableError
+from clf_core.labeling.records import PREFIX, PartitionCommit, commits_as_of
+from clf_core.labeling.scoring import FIRST_OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from clf_core.labeling.write import to_iceberg_arrow
 
 log = logging.getLogger(__name__)
 
@@ -55,127 +57,19 @@ TABLE_PROPERTIES = {
     "commit.retry.num-retries": "8",
 }
 
-PREFIX = "clf."               # our keys in snapshot summaries and table properties
-EXPIRED_COMMITS = PREFIX + "expired-commits"   # records whose snapshots were expired (see expire)
 MODEL_LABELS = PREFIX + "model-labels"         # {model version: its labels}, for checking reviewers' answers
 CORRECTIONS_TABLE = PREFIX + "corrections-table"     # the corrections table its runs apply
 CORRECTIONS_APPLIED = PREFIX + "corrections-applied"  # see LabeledTable.corrections_watermark
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 class CommitError(ClfError):
     """A partition's new files do not add up to its input; nothing was committed."""
 
 
-class TableError(ClfError):
-    """The output table exists but cannot be read (unreadable metadata, an unreachable store):
-    a run-time failure (exit 1), named with the object and the fix, never a traceback."""
-
-
 # ---- the catalog -------------------------------------------------------------------------------
-
-# Iceberg I/O goes through fsspec (s3fs) like every other read and write of this project, so the
-# standard AWS environment (AWS_ENDPOINT_URL, keys or instance profile) and botocore's and s3fs's
-# retries apply; pyiceberg's default pyarrow I/O ignores AWS_ENDPOINT_URL. A catalog's own
-# `py-io-impl` setting wins.
-IO_DEFAULTS = {"py-io-impl": "pyiceberg.io.fsspec.FsspecFileIO"}
-
-
-def catalog_config(name: str) -> dict:
-    from pyiceberg.utils.config import Config
-
-    return Config().get_catalog_config(name) or {}
-
-
-def open_catalog(name: str):
-    """The pyiceberg catalog `name`, or a ConfigError that says how to configure it."""
-    from pyiceberg.catalog import load_catalog
-
-    config = catalog_config(name)
-    if not config:
-        raise ConfigError(
-            f"--catalog {name!r} is not configured. Configure it the pyiceberg way: in .pyiceberg.yaml "
-            f"(in $PYICEBERG_HOME, ~ or the current folder) under catalog: {name}: ..., or with environment "
-            f"variables, e.g. PYICEBERG_CATALOG__{name.upper()}__TYPE=glue, or for a SQL catalog "
-            f"PYICEBERG_CATALOG__{name.upper()}__URI=sqlite:////path/catalog.db and "
-            f"PYICEBERG_CATALOG__{name.upper()}__WAREHOUSE=s3://bucket/warehouse.")
-    try:
-        # The configuration read now, not the copy pyiceberg took when it was first imported.
-        return load_catalog(name, **{**IO_DEFAULTS, **config})
-    except Exception as exc:  # pyiceberg raises ValueError / ImportError / driver errors, naming the setting
-        raise ConfigError(f"--catalog {name!r} cannot be opened: {type(exc).__name__}: {exc}") from exc
-
-
-def parse_identifier(value: str, flag: str = "--output-table") -> tuple[str, str]:
-    if not IDENTIFIER.match(value or ""):
-        example = "ledgers.corrections" if flag == "--corrections" else "ledgers.labeled_lines"
-        raise ConfigError(f"{flag} {value!r}: expected NAMESPACE.TABLE with letters, digits and "
-                          f"underscores, e.g. {example}")
-    namespace, name = value.split(".")
-    return namespace, name
 
 
 # ---- records: what each partition commit recorded ---------------------------------------------
-
-@dataclass(frozen=True)
-class PartitionCommit:
-    """A partition's labels as committed: who made them, from which input files."""
-    partition: str                                  # "dt=2024-03-01"
-    run_id: str
-    model_version: str
-    input_files: tuple[tuple[str, int, str], ...]   # (uri, size, ETag or mtime), sorted
-    input_rows: int
-    snapshot_id: int
-    committed_at_ms: int
-    corrections: str = ""                           # the corrections table its rows hold answers from
-    corrections_snapshot: int | None = None         # ... as of this snapshot of it (None: no answers yet)
-
-    def summary(self) -> dict[str, str]:
-        props = {PREFIX + "partition": self.partition, PREFIX + "run-id": self.run_id,
-                 PREFIX + "model-version": self.model_version, PREFIX + "input-rows": str(self.input_rows),
-                 PREFIX + "input-files": json.dumps([list(f) for f in self.input_files])}
-        if self.corrections:
-            props[PREFIX + "corrections-table"] = self.corrections
-            props[PREFIX + "corrections-snapshot"] = "" if self.corrections_snapshot is None else str(self.corrections_snapshot)
-        return props
-
-    @classmethod
-    def from_summary(cls, props: dict, snapshot_id: int, timestamp_ms: int) -> "PartitionCommit | None":
-        if PREFIX + "partition" not in props:
-            return None
-        try:
-            return cls(partition=props[PREFIX + "partition"], run_id=props.get(PREFIX + "run-id", ""),
-                       model_version=props.get(PREFIX + "model-version", ""),
-                       input_files=tuple(tuple(f) for f in json.loads(props.get(PREFIX + "input-files", "[]"))),
-                       input_rows=int(props.get(PREFIX + "input-rows", "0")), snapshot_id=snapshot_id,
-                       committed_at_ms=timestamp_ms, corrections=props.get(PREFIX + "corrections-table", ""),
-                       corrections_snapshot=int(props[PREFIX + "corrections-snapshot"])
-                       if props.get(PREFIX + "corrections-snapshot") else None)
-        except (ValueError, TypeError) as exc:
-            log.warning("snapshot %s: unreadable labeling record (%s); its partition counts as unlabeled",
-                        snapshot_id, exc)
-            return None
-
-    def to_json(self) -> dict:
-        return {**self.summary(), "snapshot-id": self.snapshot_id, "committed-at-ms": self.committed_at_ms}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "PartitionCommit | None":
-        return cls.from_summary(data, int(data.get("snapshot-id", 0)), int(data.get("committed-at-ms", 0)))
-
-
-def input_changes(recorded: tuple, current: tuple) -> str:
-    """What differs between two input-file lists, for a person: '1 file added (part-2.parquet)'."""
-    old, new = {f[0]: f[1:] for f in recorded}, {f[0]: f[1:] for f in current}
-    added, removed = sorted(set(new) - set(old)), sorted(set(old) - set(new))
-    changed = sorted(u for u in set(old) & set(new) if old[u] != new[u])
-    parts = []
-    for what, uris in (("added", added), ("removed", removed), ("rewritten", changed)):
-        if uris:
-            names = ", ".join(u.rsplit("/", 1)[-1] for u in uris[:3]) + (", ..." if len(uris) > 3 else "")
-            parts.append(f"{len(uris)} file(s) {what} ({names})")
-    return "; ".join(parts) or "no change"
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -569,145 +463,4 @@ class PartitionFiles:
     delete_files: int = 0          # row-level deletes another engine wrote (merge-on-read)
 
 
-def metadata_locations(catalog, identifier: str) -> tuple[str | None, str | None]:
-    """(current, previous) metadata file of a table as the catalog records them, for messages;
-    (None, None) where the catalog cannot say (only the SQL and Glue catalogs are asked)."""
-    namespace, name = identifier.split(".", 1)
-    try:
-        if type(catalog).__name__ == "SqlCatalog":
-            from pyiceberg.catalog.sql import IcebergTables
-            from sqlalchemy import select
-            from sqlalchemy.orm import Session
-
-            with Session(catalog.engine) as session:
-                row = session.scalar(select(IcebergTables).where(
-                    IcebergTables.catalog_name == catalog.name, IcebergTables.table_namespace == namespace,
-                    IcebergTables.table_name == name))
-            return (row.metadata_location, row.previous_metadata_location) if row else (None, None)
-        if type(catalog).__name__ == "GlueCatalog":
-            params = catalog.glue.get_table(DatabaseName=namespace, Name=name)["Table"].get("Parameters", {})
-            return params.get("metadata_location"), params.get("previous_metadata_location")
-    except Exception:  # only for a message: never hide the original error behind a second one
-        pass
-    return None, None
-
-
-def commits_as_of(table, snapshot_id: int | None) -> dict[str, PartitionCommit]:
-    """partition -> its latest commit in the ancestry of `snapshot_id`, then, for partitions with
-    none there, the records kept when their snapshots were expired (`expire_snapshots`)."""
-    found: dict[str, PartitionCommit] = {}
-    meta = table.metadata
-    snapshot = meta.snapshot_by_id(snapshot_id) if snapshot_id is not None else None
-    while snapshot is not None:
-        record = PartitionCommit.from_summary(snapshot.summary.additional_properties if snapshot.summary else {},
-                                              snapshot.snapshot_id, snapshot.timestamp_ms)
-        if record is not None:
-            found.setdefault(record.partition, record)
-        snapshot = meta.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
-    for name, data in json.loads(meta.properties.get(EXPIRED_COMMITS, "{}")).items():
-        if name not in found:
-            record = PartitionCommit.from_json(data)
-            if record is not None:
-                found[name] = record
-    return found
-
-
-SECRET_KEY = re.compile(r"secret|token|password|credential|access-key|key-id|session", re.IGNORECASE)
-
-
-def public_io_properties(properties: dict) -> dict:
-    """I/O settings safe to hand to workers: no keys, tokens or passwords (those come from each
-    worker's own environment: instance profile, IRSA, AWS_* variables)."""
-    return {k: str(v) for k, v in properties.items() if not SECRET_KEY.search(k)}
-
-
-def to_iceberg_arrow(schema: pa.Schema, known: frozenset | set = frozenset()) -> pa.Schema:
-    """The Arrow schema as the table stores it: ns timestamps as us (Iceberg v2 has no ns; ledgers
-    have no sub-microsecond times), dictionary columns as their values, no pandas metadata. A
-    column of Arrow type null (null in every row of a file) fits any type: it is left out when
-    the table knows the column already (`known`), else stored as string."""
-    fields = []
-    for f in schema.remove_metadata():
-        t = f.type
-        if pa.types.is_null(t):
-            if f.name in known:
-                continue
-            t = pa.string()
-        if pa.types.is_dictionary(t):
-            t = t.value_type
-        if pa.types.is_timestamp(t) and t.unit == "ns":
-            t = pa.timestamp("us", tz=t.tz)
-        fields.append(pa.field(f.name, t, nullable=True))
-    converted = pa.schema(fields)
-    from pyiceberg.io.pyarrow import _ConvertToIcebergWithoutIDs, visit_pyarrow
-
-    visit_pyarrow(converted, _ConvertToIcebergWithoutIDs())  # raises on a type Iceberg has no match for
-    return converted
-
-
 # ---- the write stage (Ray Data task; plain Python in tests) ------------------------------------
-
-class WriteDataFiles:
-    """Pass 2's last stage: a batch of labeled rows -> Parquet data files in the table's location,
-    one or more per partition, written with pyiceberg's writer (field ids, column statistics).
-
-    Returns one row per file (partition, path, rows, error rows, review rows and why, rows
-    labeled by reviewers): all the driver receives. The files join the table only when the
-    driver commits their partition."""
-
-    COUNTS = ("errors", "review", *(f"review_{r}" for r in REVIEW_REASONS), "reviewed")
-    RECORD = pa.schema([("partition", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
-                        *((c, pa.int64()) for c in COUNTS), ("expected_errors", pa.float64())])
-
-    def __init__(self, metadata_json: str, io_properties: dict, partition_key: str):
-        self.metadata_json = metadata_json
-        self.io_properties = io_properties
-        self.partition_key = partition_key
-        self._meta = self._io = None
-
-    def _open(self):
-        if self._meta is None:
-            from pyiceberg.io import load_file_io
-            from pyiceberg.table.metadata import TableMetadataUtil
-
-            self._meta = TableMetadataUtil.parse_raw(self.metadata_json)
-            # This worker's own catalog settings may hold credentials the driver did not send.
-            self._io = load_file_io({**IO_DEFAULTS, **self.io_properties}, self._meta.location)
-        return self._meta, self._io
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from pyiceberg.io.pyarrow import _dataframe_to_data_files, schema_to_pyarrow
-        from pyiceberg.types import DateType
-
-        meta, io = self._open()
-        target = schema_to_pyarrow(meta.schema())
-        for i, f in enumerate(batch.schema):  # a column null in every row read: the table's type
-            if pa.types.is_null(f.type) and f.name in target.names:
-                batch = batch.set_column(i, f.name, pa.nulls(batch.num_rows, target.field(f.name).type))
-        key_is_date = isinstance(meta.schema().find_field(self.partition_key).field_type, DateType)
-        keys = batch.column(self.partition_key)
-        records = []
-        for value in pc.unique(keys).to_pylist():
-            rows = batch.filter(pc.equal(keys, value))
-            column = pc.cast(rows.column(self.partition_key), pa.date32() if key_is_date else pa.string())
-            rows = rows.set_column(rows.schema.get_field_index(self.partition_key), self.partition_key, column)
-            rows = rows.cast(to_iceberg_arrow(rows.schema), safe=False)  # ns -> us drops only sub-us digits
-            names = rows.column_names
-            counts = {"errors": rows.num_rows - rows.column("error").null_count,
-                      "review": pc.sum(rows.column("needs_review")).as_py() or 0,
-                      "reviewed": (pc.sum(pc.equal(rows.column("label_source"), "review")).as_py() or 0)
-                      if "label_source" in names else 0}
-            reasons = ({d["values"]: d["counts"] for d in pc.value_counts(rows.column("review_reason")).to_pylist()}
-                       if "review_reason" in names else {})
-            counts.update({f"review_{r}": reasons.get(r, 0) for r in REVIEW_REASONS})
-            # With calibrated confidences, 1 - confidence is a row's chance of being wrong: their
-            # sum over the rows nobody will check is the number of errors expected among them.
-            unchecked = pc.and_(pc.invert(pc.fill_null(rows.column("needs_review"), True)),
-                                pc.is_valid(rows.column("confidence")))
-            expected = pc.sum(pc.subtract(1.0, pc.filter(rows.column("confidence"), unchecked))).as_py() or 0.0
-            files = list(_dataframe_to_data_files(table_metadata=meta, df=rows, io=io, write_uuid=uuid.uuid4()))
-            for i, f in enumerate(files):  # counts go with the first file of a split partition
-                records.append({"partition": f"{self.partition_key}={value}", "path": f.file_path,
-                                "rows": f.record_count, **{c: n if i == 0 else 0 for c, n in counts.items()},
-                                "expected_errors": expected if i == 0 else 0.0})
-        return pa.Table.from_pylist(records, schema=self.RECORD)

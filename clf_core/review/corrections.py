@@ -146,7 +146,7 @@ class CorrectionsTable:
     def __init__(self, catalog_name: str, identifier: str):
         from pyiceberg.exceptions import NoSuchTableError
 
-        from clf_core.labeling.table import open_catalog, parse_identifier
+        from clf_core.catalog import open_catalog, parse_identifier
 
         self.catalog_name, self.identifier = catalog_name, identifier
         self.namespace, _ = parse_identifier(identifier, flag="--corrections")

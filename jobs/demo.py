@@ -223,7 +223,7 @@ def write_labeled_sample(bucket: str) -> tuple[str, str]:
     from sklearn.model_selection import train_test_split
 
     from clf_core import storage
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
 
     rows = pd.read_csv(sample_data_path())
     train_rows, eval_rows = train_test_split(rows, test_size=EVAL_SHARE, stratify=rows["label"], random_state=0)

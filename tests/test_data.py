@@ -3,7 +3,9 @@
 import pandas as pd
 import pytest
 
-from clf_core.training.data import Collator, LabelMap, encode_batch, read_table, sample_data_path, stratified_split
+from clf_core.model.batching import Collator, encode_batch
+from clf_core.model.labels import LabelMap, read_table, sample_data_path
+from clf_core.training.data import stratified_split
 from clf_core.errors import DataError
 from clf_core.model.build import load_tokenizer
 

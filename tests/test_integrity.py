@@ -136,7 +136,7 @@ def test_adapter_missing_a_lora_key_is_refused(tiny_artifact, tmp_path):
 def make_format_1(directory: Path, tiny_backbone: str, edit=lambda m: None) -> dict:
     """Rewrite a copied artifact as clf_core wrote it before clf-artifact/2: the backbone named by
     its header fingerprint, the version over the top-level copies only."""
-    from clf_core.model.build import header_fingerprint
+    from clf_core.model.backbone import header_fingerprint
 
     def downgrade(m):
         m["format"] = "clf-artifact/1"
@@ -181,7 +181,7 @@ def test_backbone_with_a_flipped_weight_byte_is_refused(tiny_artifact, tiny_back
 
 def test_the_hash_cache_sees_a_file_changed_in_place_with_its_mtime_restored(tiny_artifact, tiny_backbone, tmp_path,
                                                                               monkeypatch):
-    from clf_core.model.build import backbone_fingerprint
+    from clf_core.model.backbone import backbone_fingerprint
 
     monkeypatch.setenv("CLF_CACHE_DIR", str(tmp_path / "cache"))
     backbone = tmp_path / "backbone"
@@ -203,7 +203,7 @@ def test_the_hash_cache_sees_a_file_changed_in_place_with_its_mtime_restored(tin
 def test_remote_backbone_is_fetched_by_content(tiny_artifact, tiny_backbone, s3_bucket, tmp_path, monkeypatch):
     """A damaged cached copy is fetched again; a backbone replaced at the same URI is refused on a
     node that has no verified copy, while a model trained on the new one gets its own copy."""
-    from clf_core.model.build import backbone_fingerprint
+    from clf_core.model.backbone import backbone_fingerprint
 
     remote = f"{s3_bucket}/backbones/tiny"
     storage.upload_dir(tiny_backbone, remote)

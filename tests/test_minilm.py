@@ -9,10 +9,11 @@ import pytest
 
 from clf_core.model.artifact import Artifact, open_artifact
 from clf_core.model.config import DEFAULT_BACKBONE, ClassifierConfig
-from clf_core.training.data import read_table, sample_data_path, stratified_split
+from clf_core.model.labels import read_table, sample_data_path
+from clf_core.training.data import stratified_split
 from clf_core.errors import ConfigError
-from clf_core.model.build import (MaskedMeanPooler, build_classifier, load_tokenizer, resolve_backbone,
-                            resolve_hardware)
+from clf_core.model.backbone import resolve_backbone
+from clf_core.model.build import MaskedMeanPooler, build_classifier, load_tokenizer, resolve_hardware
 from clf_core.model.predict import Predictor
 from clf_core.training.recipe import train_classifier
 

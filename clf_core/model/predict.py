@@ -28,11 +28,15 @@ import numpy as np
 import torch
 
 from clf_core.model.artifact import Artifact, open_artifact
-from clf_core.training.data import TokenStats
+from clf_core.model.batching import TokenStats
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model.build import (PREQUANTIZED_META, Hardware, backbone_fingerprint, build_classifier, header_fingerprint,
-                            load_tokenizer, load_trainable_state, merge_lora_for_scoring, resolve_backbone,
-                            resolve_hardware)
+from clf_core.model.backbone import PREQUANTIZED_META, backbone_fingerprint, header_fingerprint, resolve_backbone
+from clf_core.model.build import (Hardware,
+    build_classifier,
+    load_tokenizer,
+    load_trainable_state,
+    merge_lora_for_scoring,
+    resolve_hardware)
 from clf_core.storage import cache_dir
 
 log = logging.getLogger(__name__)
@@ -217,7 +221,7 @@ class Predictor:
         """(row indices, tokenized batch) per forward pass, as `predict` runs them: texts sorted by
         token length, cut into batches of batch_size, each padded on the right to its longest row
         (compiled: to buckets). The texts are tokenized once, for their lengths and their ids
-        alike (the ids clf_core.training.data.encode_batch gives, tested); only the rows longer than
+        alike (the ids clf_core.model.batching.encode_batch gives, tested); only the rows longer than
         max_tokens are encoded again, with the tokenizer's own truncation (which keeps a closing
         special token such as BERT's [SEP]). Tokenizing time and token counts go to forward_stats
         and stats."""

@@ -28,7 +28,8 @@ from pathlib import Path
 from clf_core.model.artifact import approve_backbone_copy, open_artifact
 from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ConfigError
-from clf_core.model.build import PREQUANTIZED_META, backbone_fingerprint, quantization_config, resolve_backbone, resolve_hardware
+from clf_core.model.backbone import PREQUANTIZED_META, backbone_fingerprint, resolve_backbone
+from clf_core.model.build import quantization_config, resolve_hardware
 from clf_core.settings import setting
 
 log = logging.getLogger(__name__)

@@ -1,95 +1,22 @@
-"""Labeled tables in, tokenized batches out.
-
-Tokenization pads per batch (never to a dataset-wide maximum, which wastes most of the compute
-on pad tokens for ledger lines of ~15 tokens) and counts
-the texts that had to be truncated so the report can say so.
+"""Training data: labeled rows split three ways, the texts and label indices a training loop
+iterates, and reviewers' answers merged in (jobs.train --corrections): an answer overrides the
+file's label for its text, answered texts the file lacks are added, a text is in one split only.
+Reading labeled files and tokenizing are the model's (clf_core.model.labels, .batching).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from importlib import resources
 
 import pandas as pd
 import torch
 
 from clf_core.errors import DataError
-from clf_core.storage import filesystem
+from clf_core.model.batching import TokenStats
+from clf_core.model.labels import LabelMap
 
-SAMPLE_DATASETS = {
-    "coa_income_expense": "coa_income_expense.csv",
-    "coa_all_types": "coa_all_types.csv",
-}
-
-
-def sample_data_path(name: str = "coa_income_expense") -> str:
-    """Path of a real chart-of-accounts table shipped with the package (see sample_data/README.md)."""
-    if name not in SAMPLE_DATASETS:
-        raise DataError(f"unknown sample dataset {name!r}; available: {', '.join(SAMPLE_DATASETS)}")
-    return str(resources.files("clf_core") / "sample_data" / SAMPLE_DATASETS[name])
-
-
-class LabelMap:
-    """Class names <-> output indices, in the configured order."""
-
-    def __init__(self, labels: list[str]):
-        self.names = [str(x) for x in labels]
-        self.index = {name: i for i, name in enumerate(self.names)}
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def encode(self, values: list, where: str = "labels") -> list[int]:
-        """Map label names to indices; unknown or missing values fail listing what was seen."""
-        values = list(values)
-        missing = sum(1 for v in values if v is None or (isinstance(v, float) and v != v))
-        if missing:
-            raise DataError(
-                f"{missing} row(s) of {where} have no label; every training row needs one of "
-                f"{self.names}. Drop or fill those rows."
-            )
-        unknown = sorted({str(v) for v in values} - set(self.index))
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
-            raise DataError(
-                f"{where} hold label value(s) not in the configured labels {self.names}: {shown}. "
-                f"Fix the data, or pass the full ordered list with --labels."
-            )
-        return [self.index[str(v)] for v in values]
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a CSV or Parquet file (local or s3://) into a DataFrame, with errors a user can act on."""
-    fs, path = filesystem(uri)
-    try:
-        if not fs.exists(path):
-            raise DataError(f"input {uri} does not exist. Check the path, bucket and AWS credentials.")
-        lower = path.lower()
-        with fs.open(path, "rb") as f:
-            if lower.endswith((".parquet", ".pq")):
-                table = pd.read_parquet(f)
-            elif lower.endswith((".csv", ".csv.gz", ".txt")):
-                table = pd.read_csv(f, compression="gzip" if lower.endswith(".gz") else None, keep_default_na=False, na_values=[""])
-            else:
-                raise DataError(f"input {uri}: unknown file type; use .csv or .parquet")
-    except DataError:
-        raise
-    except PermissionError as exc:
-        raise DataError(f"input {uri} cannot be read: permission denied ({exc}). Check credentials.") from exc
-    except pd.errors.EmptyDataError as exc:
-        raise DataError(f"input {uri} is empty: it holds no header and no rows") from exc
-    except Exception as exc:  # pyarrow / parser / network errors: name the file and the cause
-        raise DataError(f"input {uri} cannot be read: {type(exc).__name__}: {exc}") from exc
-    if columns:
-        missing = [c for c in columns if c not in table.columns]
-        if missing:
-            raise DataError(
-                f"input {uri} has no column {missing[0]!r}; its columns are {list(table.columns)}. "
-                f"Pass the right name with --text-column / --label-column."
-            )
-    if len(table) == 0:
-        raise DataError(f"input {uri} has a header but no rows")
-    return table
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -132,51 +59,6 @@ def stratified_split(table: pd.DataFrame, label_column: str, fractions: list[flo
 
 
 @dataclass
-class TokenStats:
-    """What tokenization did to the texts: reported so that silent truncation cannot hide."""
-
-    texts: int = 0
-    truncated: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    longest: int = 0
-
-    def add(self, other: "TokenStats") -> None:
-        self.texts += other.texts
-        self.truncated += other.truncated
-        self.real_tokens += other.real_tokens
-        self.padded_tokens += other.padded_tokens
-        self.longest = max(self.longest, other.longest)
-
-    @property
-    def padding_efficiency(self) -> float:
-        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
-
-
-def token_lengths(tokenizer, texts: list[str]) -> list[int]:
-    """Untruncated token counts (special tokens included), used for sorting and truncation stats."""
-    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-
-
-def encode_batch(tokenizer, texts: list[str], max_tokens: int, lengths: list[int] | None = None) -> tuple[dict, TokenStats]:
-    """Tokenize one batch, padded to its own longest row (capped at max_tokens)."""
-    if lengths is None:
-        lengths = token_lengths(tokenizer, texts)
-    enc = tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt"
-    )
-    enc.pop("token_type_ids", None)  # single-segment input: BERT's default is all zeros anyway
-    stats = TokenStats(
-        texts=len(texts),
-        truncated=sum(1 for n in lengths if n > max_tokens),
-        real_tokens=int(enc["attention_mask"].sum()),
-        padded_tokens=int(enc["attention_mask"].numel()),
-        longest=max(lengths, default=0),
-    )
-    return dict(enc), stats
-
-
-@dataclass
 class LabeledTexts(torch.utils.data.Dataset):
     """Texts and label indices, tokenized lazily per batch by `collate`."""
 
@@ -202,21 +84,59 @@ class LabeledTexts(torch.utils.data.Dataset):
         return self.texts[i], self.label_ids[i]
 
 
-class Collator:
-    """DataLoader collate_fn: tokenizes a batch of (text, label) pairs with dynamic padding.
+ANSWERED = "_answered"   # a split's column: the row's label is a reviewer's answer
 
-    Runs in the main process (num_workers=0): a fast tokenizer forked after use deadlocks or
-    warns, and tokenizing a batch of short lines costs far less than the forward pass.
-    """
 
-    def __init__(self, tokenizer, max_tokens: int):
-        self.tokenizer = tokenizer
-        self.max_tokens = max_tokens
-        self.stats = TokenStats()
+def add_answers(table, text_column: str, label_column: str, labels: list[str], catalog: str, identifier: str):
+    """`table` with the answers of a corrections table merged in (see the module docstring), one
+    row per text; and what they contributed, for the log, the report and the manifest."""
+    import pandas as pd
 
-    def __call__(self, rows: list[tuple[str, int]]) -> dict:
-        texts = [t for t, _ in rows]
-        batch, stats = encode_batch(self.tokenizer, texts, self.max_tokens)
-        self.stats.add(stats)
-        batch["labels"] = torch.tensor([y for _, y in rows], dtype=torch.long)
-        return batch
+    from clf_core.review.corrections import CorrectionsTable, latest_per_key
+
+    corrections = CorrectionsTable(catalog, identifier)
+    latest = latest_per_key(corrections.rows()).to_pylist()
+    unscoped = {r["text"]: r["corrected_label"] for r in latest if not r["scope_column"]}
+    scoped: dict[str, set[str]] = {}
+    for r in latest:
+        if r["scope_column"]:
+            scoped.setdefault(r["text"], set()).add(r["corrected_label"])
+    answers = dict(unscoped)
+    skipped = 0
+    for text, found in scoped.items():
+        if len(found | ({unscoped[text]} if text in unscoped else set())) == 1:
+            answers[text] = next(iter(found))
+        else:
+            answers.pop(text, None)   # the label depends on the scope: no fact about the text alone
+            skipped += 1
+    unknown = sorted(set(answers.values()) - set(labels))
+    if unknown:
+        raise DataError(f"--corrections {identifier} answers with label(s) {unknown} that are not among --labels "
+                        f"{labels}; train with the labels the answers use")
+    table = table.drop_duplicates(subset=[text_column], keep="first").copy()   # a text in one split only
+    given = dict(zip(table[text_column].astype(str), table[label_column].astype(str)))
+    overrides = sum(1 for t, a in answers.items() if t in given and given[t] != a)
+    confirmed = sum(1 for t, a in answers.items() if t in given and given[t] == a)
+    added = [t for t in answers if t not in given]
+    table[label_column] = [answers.get(t, label) for t, label in zip(table[text_column].astype(str), table[label_column])]
+    table[ANSWERED] = table[text_column].astype(str).isin(answers)
+    extra = pd.DataFrame({text_column: added, label_column: [answers[t] for t in added], ANSWERED: True})
+    merged = pd.concat([table, extra], ignore_index=True)
+    contribution = {"table": identifier, "snapshot_id": corrections.snapshot_id, "answers": len(answers),
+                    "overrides": overrides, "confirmed": confirmed, "added": len(added), "skipped_scoped": skipped}
+    log.info("reviewers' answers from %s (snapshot %s): %d used: %d override the file's label, %d confirm it, %d new "
+             "texts; %d text(s) skipped (their scoped answers disagree)", identifier, corrections.snapshot_id,
+             len(answers), overrides, confirmed, len(added), skipped)
+    return merged, contribution
+
+
+def answers_into_splits(parts: dict, d, catalog: str, corrections: str) -> tuple[dict, dict]:
+    """Explicit train / validation / test files with the answers: overrides apply where the text
+    is, new answered texts go to training, and a text in several splits stays in the first."""
+    import pandas as pd
+
+    names = list(parts)
+    merged, contribution = add_answers(pd.concat([parts[n].assign(_split=n) for n in names], ignore_index=True),
+                                       d.text_column, d.label_column, d.labels, catalog, corrections)
+    merged["_split"] = merged["_split"].fillna("train")
+    return {n: merged[merged["_split"] == n].drop(columns="_split").reset_index(drop=True) for n in names}, contribution

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 
 from clf_core import storage
 from clf_core.model.config import ClassifierConfig
-from clf_core.training.data import LabelMap, Split, read_table, stratified_split
+from clf_core.model.labels import LabelMap, read_table
+from clf_core.training.data import ANSWERED, Split, add_answers, answers_into_splits, stratified_split
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
 from clf_core.model.registry import version_uri
@@ -125,52 +126,6 @@ class WorkerJob:
     published_marker: str = ""        # where rank 0 writes the URI it published to, for the driver
 
 
-ANSWERED = "_answered"   # a split's column: the row's label is a reviewer's answer
-
-
-def add_answers(table, text_column: str, label_column: str, labels: list[str], catalog: str, identifier: str):
-    """`table` with the answers of a corrections table merged in (see the module docstring), one
-    row per text; and what they contributed, for the log, the report and the manifest."""
-    import pandas as pd
-
-    from clf_core.review.corrections import CorrectionsTable, latest_per_key
-
-    corrections = CorrectionsTable(catalog, identifier)
-    latest = latest_per_key(corrections.rows()).to_pylist()
-    unscoped = {r["text"]: r["corrected_label"] for r in latest if not r["scope_column"]}
-    scoped: dict[str, set[str]] = {}
-    for r in latest:
-        if r["scope_column"]:
-            scoped.setdefault(r["text"], set()).add(r["corrected_label"])
-    answers = dict(unscoped)
-    skipped = 0
-    for text, found in scoped.items():
-        if len(found | ({unscoped[text]} if text in unscoped else set())) == 1:
-            answers[text] = next(iter(found))
-        else:
-            answers.pop(text, None)   # the label depends on the scope: no fact about the text alone
-            skipped += 1
-    unknown = sorted(set(answers.values()) - set(labels))
-    if unknown:
-        raise DataError(f"--corrections {identifier} answers with label(s) {unknown} that are not among --labels "
-                        f"{labels}; train with the labels the answers use")
-    table = table.drop_duplicates(subset=[text_column], keep="first").copy()   # a text in one split only
-    given = dict(zip(table[text_column].astype(str), table[label_column].astype(str)))
-    overrides = sum(1 for t, a in answers.items() if t in given and given[t] != a)
-    confirmed = sum(1 for t, a in answers.items() if t in given and given[t] == a)
-    added = [t for t in answers if t not in given]
-    table[label_column] = [answers.get(t, label) for t, label in zip(table[text_column].astype(str), table[label_column])]
-    table[ANSWERED] = table[text_column].astype(str).isin(answers)
-    extra = pd.DataFrame({text_column: added, label_column: [answers[t] for t in added], ANSWERED: True})
-    merged = pd.concat([table, extra], ignore_index=True)
-    contribution = {"table": identifier, "snapshot_id": corrections.snapshot_id, "answers": len(answers),
-                    "overrides": overrides, "confirmed": confirmed, "added": len(added), "skipped_scoped": skipped}
-    log.info("reviewers' answers from %s (snapshot %s): %d used: %d override the file's label, %d confirm it, %d new "
-             "texts; %d text(s) skipped (their scoped answers disagree)", identifier, corrections.snapshot_id,
-             len(answers), overrides, confirmed, len(added), skipped)
-    return merged, contribution
-
-
 def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split, dict | None]:
     """Read (with the reviewers' answers, if asked) and split the labeled data on the driver;
     every input problem is raised here. Returns the split and what the answers contributed."""
@@ -196,7 +151,7 @@ def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split
                 parts[name] = read_table(uri, columns)
                 labels.encode(parts[name][d.label_column].tolist(), where=uri)
         if settings.corrections:
-            parts, contribution = answers_into_splits(parts, d, settings)
+            parts, contribution = answers_into_splits(parts, d, settings.catalog, settings.corrections)
         split = Split(parts["train"], parts["validation"], parts.get("test", parts["validation"]))
     for name, part in (("train", split.train), ("validation", split.validation)):
         missing = sorted(set(d.labels) - set(part[d.label_column].astype(str)))
@@ -208,18 +163,6 @@ def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split
     return split, contribution
 
 
-def answers_into_splits(parts: dict, d, settings: TrainJobSettings) -> tuple[dict, dict]:
-    """Explicit train / validation / test files with the answers: overrides apply where the text
-    is, new answered texts go to training, and a text in several splits stays in the first."""
-    import pandas as pd
-
-    names = list(parts)
-    merged, contribution = add_answers(pd.concat([parts[n].assign(_split=n) for n in names], ignore_index=True),
-                                       d.text_column, d.label_column, d.labels, settings.catalog, settings.corrections)
-    merged["_split"] = merged["_split"].fillna("train")
-    return {n: merged[merged["_split"] == n].drop(columns="_split").reset_index(drop=True) for n in names}, contribution
-
-
 # ---- what every Ray Train worker runs ----------------------------------------------------------
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker; `config["job"]` is the driver's WorkerJob."""
@@ -227,7 +170,8 @@ def train_worker(config: dict) -> None:
     import torch
     from ray.train import Checkpoint
 
-    from clf_core.training.data import Collator, LabeledTexts
+    from clf_core.model.batching import Collator
+    from clf_core.training.data import LabeledTexts
     from clf_core.training.recipe import prepare, truncation_report
     from clf_core.training.loop import Trainer, class_weights, make_loader
 

@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from clf_core.model.config import TrainConfig
-from clf_core.training.data import Collator, LabeledTexts
+from clf_core.model.batching import Collator
+from clf_core.training.data import LabeledTexts
 from clf_core.model.artifact import sha256_file
 from clf_core.errors import CheckpointError
 from clf_core.model.metrics import classification_metrics

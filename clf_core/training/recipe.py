@@ -20,9 +20,17 @@ from clf_core.model import calibration
 from clf_core.model.artifact import save_artifact
 from clf_core.model.calibration import Calibration
 from clf_core.model.config import ClassifierConfig
-from clf_core.training.data import Collator, LabelMap, LabeledTexts, Split, token_lengths
-from clf_core.model.build import (Hardware, backbone_fingerprint, build_classifier, describe_parameters, load_tokenizer,
-                            resolve_backbone, resolve_pooling, resolve_hardware, trainable_state)
+from clf_core.model.batching import Collator, token_lengths
+from clf_core.model.labels import LabelMap
+from clf_core.training.data import LabeledTexts, Split
+from clf_core.model.backbone import backbone_fingerprint, resolve_backbone
+from clf_core.model.build import (Hardware,
+    build_classifier,
+    describe_parameters,
+    load_tokenizer,
+    resolve_pooling,
+    resolve_hardware,
+    trainable_state)
 from clf_core.model.predict import Predictor
 from clf_core.training.loop import EpochMetrics, Trainer, class_weights, evaluate, make_loader, seed_everything
 

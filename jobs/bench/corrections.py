@@ -41,7 +41,7 @@ def family_keys(full_path: str, name: str) -> set[str]:
 
 def retrain_with_answers(loop: Loop) -> str:
     """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
-    from clf_core.training.job import add_answers
+    from clf_core.training.data import add_answers
 
     rows, _ = add_answers(loop.train[["full_path", "label"]], "full_path", "label", ["Expense", "Income"],
                           catalog_for(loop.work), loop.corrections)
@@ -75,7 +75,7 @@ def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
 def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
     import pandas as pd
 
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
     from clf_core.model.predict import Predictor
 
     loop = review_loop(settings, seed, work)

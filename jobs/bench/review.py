@@ -99,7 +99,7 @@ def train_default(rows, seed: int, directory: Path, corrections=None) -> str:
 def setup(settings: BenchSettings, seed: int, work: Path) -> Loop:
     import pandas as pd
 
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
 
     table = pd.read_csv(sample_data_path("coa_income_expense"))
     charts = held_out_charts(table, seed, settings.review_holdout)

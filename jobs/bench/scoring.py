@@ -63,7 +63,7 @@ def hf_pipeline(predictor):
 def score_rows(settings: BenchSettings) -> list[str]:
     import pandas as pd
 
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
 
     texts = pd.read_csv(sample_data_path("coa_income_expense"))[settings.text_column].astype(str).tolist()
     return texts[: settings.rows] if settings.rows else texts
@@ -258,7 +258,7 @@ def bench_dedup(settings: BenchSettings, artifact: str, work: Path) -> dict:
 def bench_coldstart(settings: BenchSettings, artifact: str, work: Path) -> dict:
     """Predictor.load quantizing the base on start vs loading a pre-quantized copy of it."""
     from clf_core.model.artifact import open_artifact
-    from clf_core.model.build import resolve_backbone
+    from clf_core.model.backbone import resolve_backbone
     from clf_core.model.predict import Predictor
     from clf_core.model.prequantize import approve, prequantize
 

@@ -53,7 +53,7 @@ def bench_train(settings: BenchSettings, backbone: str, work: Path) -> dict:
 def labeled_rows(n: int):
     import pandas as pd
 
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
 
     table = pd.read_csv(sample_data_path("coa_income_expense"))
     if n and n < len(table):

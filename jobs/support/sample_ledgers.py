@@ -15,7 +15,7 @@ from datetime import date, timedelta
 
 import pandas as pd
 
-from clf_core.training.data import read_table, sample_data_path
+from clf_core.model.labels import read_table, sample_data_path
 
 BAD_TEXTS = [None, "", "   ", "12345.67", "x" * 5000]
 

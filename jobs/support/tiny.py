@@ -50,7 +50,7 @@ def build_tiny_mistral(directory: str | Path, *, hidden_size: int = 128, layers:
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
-    from clf_core.training.data import sample_data_path
+    from clf_core.model.labels import sample_data_path
 
     directory = Path(directory)
     if (directory / "config.json").exists():

@@ -1,22 +1,27 @@
 """clf_core: the QLoRA ledger line-item classifier as a library (no cluster needed).
 
-Modules by role:
-- settings and errors: settings (a setting declared once: flag, help, default), config (the model
-  and its training recipe, from YAML and flags), errors (messages that name the fix), logs,
-  runtime (connecting to Ray, reading a Ray task's failure), storage (fsspec URIs), progress (rate
-  and ETA lines);
-- the model: data (tables, labels, tokenization), model (backbone + 4-bit + LoRA + head), train
-  (the loop), metrics, calibration (temperature, review threshold), report (report.md and plots),
-  recipe (train -> calibrate -> evaluate -> save in one process), train_job (the same under Ray
-  Train: the job jobs.train runs), artifact (safetensors + manifest), prequantize (a 4-bit base
-  saved once), predict (scoring);
-- labeling ledgers (jobs.label, jobs.backfill): label_settings (their flags), partitions (the input
-  folders and files), label_plan (which partitions a run takes on, before any worker starts),
-  labeling (read -> distinct -> look up -> score -> label -> commit), label_cache, scoring (the
-  Ray Data callables), table (the Iceberg output), table_maintenance, review (the review export).
+Four rooms on a small base; an import may go down or sideways to the base, never up:
+
+    jobs/                 the command lines (jobs.train, .label, .backfill, .promote, .review, .table, ...)
+    training/  labeling/  train a model  |  label ledgers into the Iceberg table, review, roll out
+    model/     review/    the classifier |  reviewers' answers
+    base                  errors, settings, storage, catalog, logs, progress, runtime, cli
+
+- base (this folder): `errors` (messages that name the fix), `settings` (a setting declared once:
+  flag, help, default, bounds), `cli` (every job's parser, exit statuses, failures named without a
+  traceback), `storage` (fsspec URIs, the object store's failures named), `catalog` (pyiceberg
+  catalogs, configured the pyiceberg way), `logs`, `progress` (rate and ETA lines), `runtime`
+  (connecting to Ray, reading a Ray task's failure).
+- `model/`: the classifier itself, from its config to its published, versioned artifact, a
+  registry of versions and aliases, and the predictor that scores.
+- `review/`: the review file people fill in, and the corrections table of their answers.
+- `training/`: fine-tuning under Ray Train (or in one process), calibration, the evaluation report.
+- `labeling/`: the label jobs (plan, the Ray Data pipeline, the commit into the Iceberg table),
+  the table's maintenance, the review loop's commands, and promotion (the gate scores through the
+  label pipeline).
 
 What only the demo and the bench need (a local S3 endpoint, tiny backbones, sample ledgers) lives
-in jobs/support; what only tests need, in tests/support.
+in jobs/support; what only tests need, in tests/support. tests/test_layout.py holds the import rules.
 """
 
 __version__ = "0.1.0"

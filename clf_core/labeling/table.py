@@ -1,5 +1,9 @@
 """The labeled output: an Apache Iceberg table that pandas, Spark, Trino, Athena and DuckDB read.
 
+(Why one module of ~470 lines: LabeledTable is the one object that knows the table's layout and
+keeps its invariants, from the schema and properties to the commit protocol; its reads of the
+manifests, which planning trusts, sit beside the writes that make them true.)
+
     <input columns...>  label  confidence  model_version  labeled_at  error  needs_review  dt
                                                                       partitioned by identity(dt)
 

@@ -1,5 +1,8 @@
 """The published model: LoRA adapter + head in safetensors, the tokenizer, and a manifest.
 
+(Why one module of ~420 lines: every check `verify_artifact` makes mirrors something
+`save_artifact` writes; kept together, a field added to one is seen in the other.)
+
     <artifact>/
       manifest.json            what it is, what made it, and the sha256 of every other file
       adapter.safetensors      LoRA weights and the classification head (the only weights saved)

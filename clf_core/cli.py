@@ -18,31 +18,33 @@ import os
 import sys
 from typing import Callable
 
+from dataclasses import dataclass
+
 from clf_core.errors import ClfError
-from clf_core.settings import add_arguments
+from clf_core.settings import add_arguments, setting
+
+
+@dataclass
+class CommonSettings:
+    verbose: bool = setting("Show the libraries' log lines too (Ray, botocore, ...), not only this job's.",
+                            default=False)
 
 
 def build_parser(prog: str, doc: str, *settings: type, subcommands: dict[str, tuple[str, tuple[type, ...]]] | None = None,
                  **kwargs) -> argparse.ArgumentParser:
     """A job's parser: its settings' flags (clf_core.settings), --verbose, no abbreviations. With
-    `subcommands` ({name: (help, settings classes)}), one subparser each, built the same way."""
+    `subcommands` ({name: (help, settings classes)}), one subparser each, built the same way (the
+    flags, --verbose included, go after the subcommand's name)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], allow_abbrev=False, **kwargs)
-    for cls in settings:
+    for cls in settings if subcommands else (*settings, CommonSettings):
         add_arguments(parser, cls)
-    _verbose(parser)
     if subcommands:
         commands = parser.add_subparsers(dest="command", required=True)
         for name, (text, classes) in subcommands.items():
             sub = commands.add_parser(name, help=text, description=text, allow_abbrev=False)
-            for cls in classes:
+            for cls in (*classes, CommonSettings):
                 add_arguments(sub, cls)
-            _verbose(sub)
     return parser
-
-
-def _verbose(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="Show the libraries' log lines too (Ray, botocore, ...), not only this job's.")
 
 
 def verbose(args: argparse.Namespace) -> bool:

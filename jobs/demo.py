@@ -24,16 +24,26 @@ copied under --workdir (default runs/demo) so they can be opened.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
+from clf_core import cli
+from clf_core.errors import ClfError
+from clf_core.labeling.settings import LabelSettings
+from clf_core.settings import check, from_args, setting
+
 log = logging.getLogger("jobs.demo")
+
+# the label jobs' --review-threshold, declared once there
+_LABEL_THRESHOLD = next(f for f in dataclasses.fields(LabelSettings) if f.name == "review_threshold")
 
 BUCKET = "ledger-demo"
 FIRST_NIGHT = date(2026, 11, 1)
@@ -48,17 +58,22 @@ REVIEW_BUDGET = 0.10    # the least confident 10% of each run's rows go to revie
 PID_FILE = "local-s3.pid"
 
 
+@dataclass
+class DemoSettings:
+    workdir: str = setting("Local folder for this demo's state and outputs (replaced on each run).", default="runs/demo")
+    nights: int = setting("Nightly partitions in the first labeling run.", at_least=1, default=3)
+    review_threshold: float = setting(_LABEL_THRESHOLD.metadata["help"], default=_LABEL_THRESHOLD.default)
+    smoke: bool = setting("Tiny Mistral backbone and few rows: a test-sized run.", default=False)
+    stop: bool = setting("Stop the local S3 endpoint a previous demo left running, and exit.", default=False)
+
+    def validate(self) -> "DemoSettings":
+        wrong = [] if 0.0 <= self.review_threshold <= 1.0 or self.review_threshold == -1.0 else [
+            f"--review-threshold {self.review_threshold}: must be within [0, 1], or -1 for the model's own"]
+        return check(self, wrong)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="runs/demo", help="Local folder for this demo's state and outputs (replaced on each run).")
-    p.add_argument("--nights", type=int, default=3, help="Nightly partitions in the first labeling run.")
-    p.add_argument("--review-threshold", type=float, default=-1.0,
-                   help="Rows whose confidence is below this are flagged needs_review and exported per partition "
-                        "(-1: the threshold the model was trained to, chosen on validation).")
-    p.add_argument("--smoke", action="store_true", help="Tiny Mistral backbone and few rows: a test-sized run.")
-    p.add_argument("--stop", action="store_true", help="Stop the local S3 endpoint a previous demo left running, and exit.")
-    p.add_argument("--verbose", action="store_true", help="Show the libraries' log lines too (Ray, botocore, ...).")
-    return p
+    return cli.build_parser("python -m jobs.demo", __doc__, DemoSettings)
 
 
 def stop_local_s3(workdir: Path) -> bool:
@@ -123,15 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.support.sample_ledgers import write_nights
 
     args = build_parser().parse_args(argv)
-    setup_logging(verbose=args.verbose)
-    workdir = Path(args.workdir).resolve()
-    if args.stop:
+    setup_logging(verbose=cli.verbose(args))
+    try:
+        demo = from_args(DemoSettings, args).validate()
+    except ClfError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(demo.workdir).resolve()
+    if demo.stop:
         print("stopped the local S3 endpoint" if stop_local_s3(workdir) else f"no local S3 endpoint of a demo in {workdir}")
         return 0
-    if not (0.0 <= args.review_threshold <= 1.0 or args.review_threshold == -1.0):
-        print(f"error: --review-threshold {args.review_threshold}: must be within [0, 1], or -1 for the model's own",
-              file=sys.stderr)
-        return 2
     started = time.monotonic()
     if workdir.exists():
         print(f"replacing the previous demo state in {workdir}")
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     # every log record from INFO, the libraries' included, in a file (the console shows our own)
-    setup_logging(verbose=args.verbose, log_file=workdir / "demo.log")
+    setup_logging(verbose=cli.verbose(args), log_file=workdir / "demo.log")
     print(f"log: {shown(workdir / 'demo.log')}")
 
     s3 = None
@@ -158,38 +174,38 @@ def main(argv: list[str] | None = None) -> int:
         ledgers, registry = f"{bucket}/ledgers", f"{bucket}/models"
         champion = f"{registry}/{NAME}@champion"
         cache, review = f"{bucket}/label-cache", f"{bucket}/review"
-        size = {"properties": 2, "accounts_per_property": 10} if args.smoke else {}
-        write_nights(ledgers, FIRST_NIGHT, args.nights, **size)
-        print(f"loaded the labeled sample and {args.nights} nightly ledgers into {bucket}")
+        size = {"properties": 2, "accounts_per_property": 10} if demo.smoke else {}
+        write_nights(ledgers, FIRST_NIGHT, demo.nights, **size)
+        print(f"loaded the labeled sample and {demo.nights} nightly ledgers into {bucket}")
 
         from clf_core.runtime import ensure_ray
 
         ensure_ray()
         step("1/5 train the classifier into the registry (jobs.train), promote it to champion (jobs.promote)")
-        v1 = train(labeled, registry, workdir, args.smoke)
+        v1 = train(labeled, registry, workdir, demo.smoke)
         if v1 is None or promote(registry, v1, evaluation, cache) is None:
             return 1
 
-        step(f"2/5 label {args.nights} nightly partitions into table {TABLE} with {NAME}@champion (jobs.label)")
-        first = label(champion, ledgers, cache, review, args.review_threshold)
+        step(f"2/5 label {demo.nights} nightly partitions into table {TABLE} with {NAME}@champion (jobs.label)")
+        first = label(champion, ledgers, cache, review, demo.review_threshold)
 
         step("3/5 the next night: one new partition, scored from the label cache where possible")
-        write_nights(ledgers, FIRST_NIGHT + timedelta(days=args.nights), 1, new_accounts=8, **size)
-        second = label(champion, ledgers, cache, review, args.review_threshold)
+        write_nights(ledgers, FIRST_NIGHT + timedelta(days=demo.nights), 1, new_accounts=8, **size)
+        second = label(champion, ledgers, cache, review, demo.review_threshold)
         if not (first and second and first.ok and second.ok):
             return 1
 
         step("4/5 a reviewer answers night 1's review file (jobs.review import); the next night applies the answers")
         answered = answer_like_a_reviewer(f"{review}/dt={FIRST_NIGHT.isoformat()}.csv", workdir / "reviewed.csv")
         print(import_answers(workdir / "reviewed.csv"))
-        last = FIRST_NIGHT + timedelta(days=args.nights + 1)
+        last = FIRST_NIGHT + timedelta(days=demo.nights + 1)
         write_nights(ledgers, last, 1, **size)
-        third = label(champion, ledgers, cache, review, args.review_threshold)
+        third = label(champion, ledgers, cache, review, demo.review_threshold)
         if not (third and third.ok):
             return 1
 
         step("5/5 a model trained with the answers: the promotion gate (jobs.promote), then a backfill (jobs.backfill)")
-        v2 = train(labeled, registry, workdir, args.smoke, corrections=True)
+        v2 = train(labeled, registry, workdir, demo.smoke, corrections=True)
         if v2 is None or promote(registry, v2, evaluation, cache, shadow_nights=2) is None:
             return 1
         relabeled = backfill(champion, ledgers, cache, review, FIRST_NIGHT, last)

@@ -42,8 +42,13 @@ def restore_logging(monkeypatch):
     """Each test configures the root logger; put it back as it was (and the settings the code
     under test exports, with it)."""
     unset(monkeypatch, logs.VERBOSE_ENV, *RAY_SETTINGS)
-    ray_logger = logging.getLogger("ray")
-    monkeypatch.setattr(ray_logger, "propagate", ray_logger.propagate)
+    # Ray's loggers as ensure_ray leaves them (ray.init(configure_logging=False): propagating, no
+    # handler of their own), whatever an earlier test's ray.init or `import ray.data` installed.
+    for name in ("ray", "ray.data", "ray.train"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "propagate", True)
+        monkeypatch.setattr(logger, "handlers", [])
+        monkeypatch.setattr(logger, "level", logging.NOTSET)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield

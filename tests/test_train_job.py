@@ -50,7 +50,7 @@ def write_csv(tmp_path, table: pd.DataFrame, name="ledger.csv") -> str:
     ("bad_config", "train.epochs = 0"),
     ("bad_review", "review.value = 1.5"),
 ])
-def test_bad_input_fails_before_any_worker(tmp_path, caplog, case, expected):
+def test_bad_input_fails_before_any_worker(tmp_path, caplog, capsys, case, expected):
     import ray
 
     rows = ledger_rows(40)
@@ -70,7 +70,7 @@ def test_bad_input_fails_before_any_worker(tmp_path, caplog, case, expected):
     with caplog.at_level(logging.ERROR):
         code = train_job.main(["--data", data, "--output", str(tmp_path / "out")] + extra)
     assert code == 2
-    assert expected in caplog.text
+    assert expected in caplog.text + capsys.readouterr().err   # a bad file is logged, bad flags are the job's error line
     assert ray.is_initialized() == was_running  # no cluster was started for bad input
     assert not (tmp_path / "out").exists()
 
@@ -96,8 +96,13 @@ def test_every_flag_reaches_the_config():
     assert (review.review.goal, review.review.value) == ("target_error", 0.01)
     review = train_job.config_from_args(train_job.build_parser().parse_args([*base, "--review-fraction", "0.05"]))
     assert (review.review.goal, review.review.value) == ("fraction", 0.05)
-    with pytest.raises(SystemExit):  # one goal or the other
-        train_job.build_parser().parse_args([*base, "--review-fraction", "0.05", "--review-target-error", "0.01"])
+    from clf_core.errors import ConfigError
+    from clf_core.settings import from_args
+    from clf_core.training.job import TrainJobSettings
+
+    both = train_job.build_parser().parse_args([*base, "--review-fraction", "0.05", "--review-target-error", "0.01"])
+    with pytest.raises(ConfigError, match="either --review-fraction or --review-target-error"):  # one goal or the other
+        from_args(TrainJobSettings, both).validate()
 
 
 # ---- real runs ---------------------------------------------------------------------------------

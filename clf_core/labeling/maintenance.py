@@ -26,9 +26,9 @@ from datetime import timedelta
 
 from clf_core import storage
 from clf_core.errors import ClfError, ConfigError
-from clf_core.settings import bound_problems, setting
-from clf_core.catalog import IDENTIFIER
+from clf_core.settings import check, setting
 from clf_core.labeling.records import EXPIRED_COMMITS, PREFIX, commits_as_of
+from clf_core.labeling.settings import TABLE_NAME
 from clf_core.labeling.table import LabeledTable
 
 log = logging.getLogger(__name__)
@@ -40,22 +40,14 @@ BACKFILL_TAG_PREFIX = "backfill-"
 
 @dataclass
 class TableSettings:
-    catalog: str = setting("The pyiceberg catalog holding the table (as for jobs.label).", default="")
-    output_table: str = setting("The labeled table, NAMESPACE.TABLE (jobs.label's --output-table).", default="")
+    catalog: str = setting("The pyiceberg catalog holding the table (as for jobs.label).", required=True,
+                           hint="e.g. --catalog ledgers", default="")
+    output_table: str = setting("The labeled table, NAMESPACE.TABLE (jobs.label's --output-table).", required=True,
+                                pattern=TABLE_NAME, hint="expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines",
+                                default="")
 
     def validate(self):
-        problems = bound_problems(self)
-        if not self.catalog.strip():
-            problems.append("--catalog is required: the pyiceberg catalog of the table (e.g. --catalog ledgers)")
-        if not IDENTIFIER.match(self.output_table or ""):
-            problems.append(f"--output-table {self.output_table!r}: expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
-        problems += self.problems()
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
-
-    def problems(self) -> list[str]:
-        return []
+        return check(self)
 
 
 @dataclass
@@ -65,13 +57,12 @@ class HistorySettings(TableSettings):
 
 @dataclass
 class RollbackSettings(TableSettings):
-    to: str = setting("A tag (e.g. the backfill-... tag a backfill made) or a snapshot id.", default="")
-
-    def problems(self) -> list[str]:
-        return [] if self.to.strip() else ["--to is required: a tag or snapshot id (python -m jobs.table history lists them)"]
+    to: str = setting("A tag (e.g. the backfill-... tag a backfill made), the start of one tag's name, or a "
+                      "snapshot id.", required=True, hint="python -m jobs.table history lists them", default="")
 
 
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+AGE = r"\d+[smhd]"
 
 
 def parse_age(flag: str, value: str) -> timedelta:
@@ -83,27 +74,21 @@ def parse_age(flag: str, value: str) -> timedelta:
 
 @dataclass
 class ExpireSettings(TableSettings):
-    older_than: str = setting("Age cutoff, e.g. 30d, 12h.", default="")
+    older_than: str = setting("Age cutoff, e.g. 30d, 12h.", required=True, pattern=AGE,
+                              hint="expected a number and a unit (s, m, h, d), e.g. 30d or 12h", default="")
     retain_last: int = setting("Always keep this many newest snapshots.", at_least=1, default=1)
-
-    def problems(self) -> list[str]:
-        parse_age("--older-than", self.older_than)
-        return []
 
 
 @dataclass
 class OrphanSettings(TableSettings):
-    older_than: str = setting("Only files older than this, e.g. 3d: more than your longest run.", default="")
+    older_than: str = setting("Only files older than this, e.g. 3d: more than your longest run.", required=True,
+                              pattern=AGE, hint="expected a number and a unit (s, m, h, d), e.g. 3d", default="")
     dry_run: bool = setting("List them, delete nothing.", default=False)
-
-    def problems(self) -> list[str]:
-        parse_age("--older-than", self.older_than)
-        return []
 
 
 @dataclass
 class CompactCacheSettings:
-    cache: str = setting("The label cache the jobs use (--cache of jobs.label).", default="")
+    cache: str = setting("The label cache the jobs use (--cache of jobs.label).", required=True, default="")
     model_version: str = setting("The model version whose entries to compact (v...), or --model.", default="")
     model: str = setting("Or the model, as for jobs.label (REGISTRY/NAME@champion or an artifact): its version.",
                          default="")
@@ -111,14 +96,8 @@ class CompactCacheSettings:
                                  at_least=1, default=256)
 
     def validate(self) -> "CompactCacheSettings":
-        problems = bound_problems(self)
-        if not self.cache.strip():
-            problems.append("--cache is required")
-        if bool(self.model_version.strip()) == bool(self.model.strip()):
-            problems.append("give --model-version or --model (one of them)")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
+        return check(self, [] if bool(self.model_version.strip()) != bool(self.model.strip())
+                     else ["give --model-version or --model (one of them)"])
 
 
 def _ms(moment: datetime) -> int:

@@ -31,7 +31,7 @@ import pyarrow as pa
 from clf_core.model import registry
 from clf_core.model.registry import CHAMPION
 from clf_core.errors import ClfError, ConfigError, DataError
-from clf_core.settings import bound_problems, setting
+from clf_core.settings import check, setting
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PromoteSettings:
     registry: str = setting("The model registry (local folder or s3://) that jobs.train --registry published to.",
-                            default="")
-    name: str = setting("The model's name in the registry (jobs.train --name).", default="")
+                            default="", required=True)
+    name: str = setting("The model's name in the registry (jobs.train --name).", default="", required=True)
     candidate: str = setting("The version to promote (v...: jobs.train prints it), or `latest`: the one published last.",
                              default="")
     alias: str = setting("The alias to move.", default=CHAMPION)
@@ -71,22 +71,16 @@ class PromoteSettings:
     batch_size: int = setting("Texts per model forward pass.", at_least=1, default=64)
 
     def validate(self) -> "PromoteSettings":
-        problems = bound_problems(self)
-        for flag, value in (("--registry", self.registry), ("--name", self.name)):
-            if not value.strip():
-                problems.append(f"{flag} is required")
+        extra = []
         if self.rollback and (self.candidate or self.accept_worse):
-            problems.append("--rollback takes no --candidate or --accept-worse: it goes back to the previous champion")
+            extra.append("--rollback takes no --candidate or --accept-worse: it goes back to the previous champion")
         if not self.rollback and not self.candidate:
-            problems.append("--candidate is required: the version to promote (or --rollback)")
+            extra.append("--candidate is required: the version to promote (or --rollback)")
         if self.accept_worse and not self.reason.strip():
-            problems.append("--accept-worse needs --reason TEXT: it is recorded in the alias's history")
+            extra.append("--accept-worse needs --reason TEXT: it is recorded in the alias's history")
         if (self.corrections or self.output_table) and not self.catalog:
-            problems.append("--corrections and --output-table need --catalog")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
-
+            extra.append("--corrections and --output-table need --catalog")
+        return check(self, extra)
 
 # ---- scoring a set of texts through the label job's pass 1 ---------------------------------------
 

@@ -14,11 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from clf_core.review.corrections import CorrectionsTable, audit_estimate, corrections_from_file, fixes
-from clf_core.errors import ClfError, ConfigError, DataError
+from clf_core.errors import ClfError, DataError
 from clf_core.review.file import CORRECTED, read_review_file
 from clf_core.labeling.scoring import REVIEW_REASONS
-from clf_core.settings import bound_problems, setting
-from clf_core.catalog import IDENTIFIER
+from clf_core.settings import check, setting
+from clf_core.labeling.settings import TABLE_NAME
 from clf_core.labeling.table import LabeledTable
 
 log = logging.getLogger(__name__)
@@ -33,29 +33,25 @@ def _default_reviewer() -> str:
 
 @dataclass
 class ReviewTables:
-    catalog: str = setting("The pyiceberg catalog of both tables (as for jobs.label).", default="")
-    corrections: str = setting("The corrections table, NAMESPACE.TABLE (created by the first import).", default="")
+    catalog: str = setting("The pyiceberg catalog of both tables (as for jobs.label).", default="",
+                           required=True, hint="e.g. --catalog ledgers")
+    corrections: str = setting("The corrections table, NAMESPACE.TABLE (created by the first import).", default="",
+                               required=True, pattern=TABLE_NAME,
+                               hint="expected NAMESPACE.TABLE, e.g. ledgers.corrections")
     output_table: str = setting("The labeled table the review file was exported from (jobs.label --output-table): "
-                                "it knows the labels of every model that labeled it.", default="")
+                                "it knows the labels of every model that labeled it.", default="",
+                                required=True, pattern=TABLE_NAME,
+                                hint="expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
 
     def problems(self) -> list[str]:
-        problems = bound_problems(self)
-        if not self.catalog.strip():
-            problems.append("--catalog is required: the pyiceberg catalog of the tables (e.g. --catalog ledgers)")
-        for flag, value, example in (("--corrections", self.corrections, "ledgers.corrections"),
-                                     ("--output-table", self.output_table, "ledgers.labeled_lines")):
-            if not IDENTIFIER.match(value or ""):
-                problems.append(f"{flag} {value!r}: expected NAMESPACE.TABLE, e.g. {example}")
+        """What the declarations cannot say (each subclass adds its own)."""
         if self.corrections and self.corrections == self.output_table:
-            problems.append("--corrections and --output-table name the same table; the answers go to a table of "
-                            "their own, e.g. ledgers.corrections")
-        return problems
+            return ["--corrections and --output-table name the same table; the answers go to a table of "
+                    "their own, e.g. ledgers.corrections"]
+        return []
 
     def validate(self):
-        problems = self.problems()
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
+        return check(self, self.problems())
 
     def open(self) -> tuple[LabeledTable, CorrectionsTable]:
         labeled = LabeledTable(self.catalog, self.output_table)
@@ -69,7 +65,7 @@ class ReviewTables:
 class ImportSettings(ReviewTables):
     file: str = setting("The review CSV with the reviewer's answers in corrected_label (empty: the model was "
                         "right), as jobs.label --review-export wrote it and a spreadsheet saved it (local or s3://).",
-                        default="")
+                        default="", required=True, hint="the review CSV with the answers in corrected_label")
     reviewer: str = setting("Who answered (recorded with every answer; default: this user's name).", default="")
     text_column: str = setting("The file's column holding the ledger line's text (jobs.label --text-column).",
                                default="texts")
@@ -78,16 +74,11 @@ class ImportSettings(ReviewTables):
     labels: str = setting("Check the answers against these labels (comma-separated) instead of those the labeled "
                           "table recorded for the file's model versions.", default="")
 
-    def validate(self) -> "ImportSettings":
-        problems = self.problems()
-        if not self.file.strip():
-            problems.append("--file is required: the review CSV with the answers in corrected_label")
+    def problems(self) -> list[str]:
+        found = ReviewTables.problems(self)
         if self.scope_column and self.scope_column in (self.text_column, "label", CORRECTED):
-            problems.append(f"--scope-column {self.scope_column!r} is not a scope: name a column such as an entity id")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
-
+            found.append(f"--scope-column {self.scope_column!r} is not a scope: name a column such as an entity id")
+        return found
 
 def import_review(settings: ImportSettings) -> str:
     """Append the answers of a reviewed file to the corrections table in one commit (once per
@@ -120,9 +111,7 @@ def import_review(settings: ImportSettings) -> str:
 class StatsSettings(ReviewTables):
     top: int = setting("How many kinds of fixes to list per model version.", at_least=1, default=5)
 
-    def validate(self) -> "StatsSettings":
-        return ReviewTables.validate(self)
-
+    pass
 
 def review_stats(settings: StatsSettings) -> str:
     """Per model version: rows labeled, flagged (by reason), answered by reviewers; the audit

@@ -4,31 +4,42 @@ default and check. `python -m jobs.label --help` prints these.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date
 
 from clf_core.errors import ConfigError
 from clf_core.labeling.scoring import OUTPUT_COLUMNS
-from clf_core.settings import bound_problems, setting
+from clf_core.settings import check, setting
 from clf_core.labeling.partitions import DATE
+
+
+TABLE_NAME = r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*"
+COLUMN_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 @dataclass
 class LabelSettings:
     model: str = setting("The model: REGISTRY/NAME@ALIAS (e.g. s3://models/income-expense@champion, the version "
                          "jobs.promote put there, resolved once at start), or an artifact's folder or s3:// URI.",
-                         default="")
-    input: str = setting("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="")
+                         default="", required=True, hint="a local path or s3:// URI")
+    input: str = setting("Prefix holding dt=YYYY-MM-DD/*.parquet ledger partitions (local or s3://).", default="",
+                         required=True, hint="a local path or s3:// URI")
     catalog: str = setting("The pyiceberg catalog holding the output table, configured the pyiceberg way "
-                           "(.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables).", default="")
+                           "(.pyiceberg.yaml or PYICEBERG_CATALOG__<NAME>__* variables).", default="",
+                           required=True, hint="the name of a pyiceberg catalog, e.g. --catalog ledgers, configured "
+                                               "in .pyiceberg.yaml or PYICEBERG_CATALOG__LEDGERS__* variables")
     output_table: str = setting("The labeled table, NAMESPACE.TABLE; created on first use, partitioned like the "
-                                "input.", default="")
+                                "input.", default="",
+                                required=True, pattern=TABLE_NAME,
+                                hint="expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
     cache: str = setting("Label cache prefix (local or s3://), keyed by model version and text: the next run "
-                         "scores only texts it has never seen. Keep it apart from the input.", default="")
-    text_column: str = setting("Column holding the line-item text.", default="texts")
+                         "scores only texts it has never seen. Keep it apart from the input.", default="",
+                         required=True, hint="a local path or s3:// URI")
+    text_column: str = setting("Column holding the line-item text.", default="texts",
+                               required=True, hint="name the input column")
     partition_key: str = setting("Hive partition key of the input folders (key=value); also the table's partition "
-                                 "column (an Iceberg date when every value is a date).", default="dt")
+                                 "column (an Iceberg date when every value is a date).", default="dt",
+                                 pattern=COLUMN_NAME, hint="use a column-like name such as dt")
     actors: int = setting("Scoring actors (production: one per GPU).", at_least=1, default=1)
     backbone: str = setting("Where the scoring actors read the base weights: empty = the backbone the model was "
                             "trained on. A pre-quantized copy the model approves (python -m jobs.prequantize) "
@@ -43,7 +54,7 @@ class LabelSettings:
                               at_least=1, default=64)
     compile: str = setting("Compile the scoring actors' forward pass: auto (the model's model.compile: on CUDA "
                            "only), on, off. Compiled graphs are cached on the node, so a second actor starts fast.",
-                           default="auto")
+                           default="auto", choices=("auto", "on", "off"))
     rows_per_call: int = setting("Distinct texts handed to a scoring actor per call. The actor sorts them by "
                                  "token length before cutting forward batches, so a larger call pads less "
                                  "(64 per call ran at half the speed of 1024 on CPU); each call is also one "
@@ -70,16 +81,18 @@ class LabelSettings:
                                    "whatever their confidence: a review team's capacity is a share of rows, and a "
                                    "threshold chosen on validation flags another share on a new chart. Rows under "
                                    "the threshold count towards it. 0: no budget.",
-                                   hint="e.g. 0.10", default=0.0)
+                                   at_least=0.0, below=1.0, hint="a share of rows, e.g. 0.10 for 10%", default=0.0)
     audit_fraction: float = setting("Also flag a stable random sample of this share of texts (review_reason audit; "
                                     "chosen by a hash of the text and the model version, so a re-run flags the "
                                     "same rows). Reviewers' answers on it estimate the accuracy of the rows nobody "
-                                    "else is shown (python -m jobs.review stats).", default=0.01)
+                                    "else is shown (python -m jobs.review stats).", at_least=0.0, below=1.0,
+                                    hint="a share of texts, e.g. 0.01", default=0.01)
     corrections: str = setting("The corrections table NAMESPACE.TABLE in --catalog (python -m jobs.review import "
                                "fills it): rows whose text reviewers answered get that answer (label_source "
                                "review) instead of being scored, and partitions labeled earlier that hold newly "
                                "answered texts are rewritten. Empty: the table the output table's runs used "
-                               "before, if any.", default="")
+                               "before, if any.", default="",
+                               pattern=TABLE_NAME, hint="expected NAMESPACE.TABLE, e.g. ledgers.corrections")
     review_export: str = setting("Also write each labeled partition's needs_review rows to "
                                  "<this prefix>/<key>=<value>.csv (local or s3://), for people to check in a "
                                  "spreadsheet. Empty: no files.", default="")
@@ -91,45 +104,25 @@ class LabelSettings:
 
     def validate(self) -> "LabelSettings":
         """Every bad value at once, each with its fix (ConfigError), before any worker starts."""
-        problems = bound_problems(self)
-        for name in ("model", "input", "cache"):
-            if not getattr(self, name).strip():
-                problems.append(f"--{name} is required (a local path or s3:// URI)")
-        if not self.catalog.strip():
-            problems.append("--catalog is required: the name of a pyiceberg catalog (e.g. --catalog ledgers, "
-                            "configured in .pyiceberg.yaml or PYICEBERG_CATALOG__LEDGERS__* variables)")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*", self.output_table or ""):
-            problems.append(f"--output-table {self.output_table!r}: expected NAMESPACE.TABLE, e.g. ledgers.labeled_lines")
+        extra = []
         if self.input and self.cache and self.input.rstrip("/") == self.cache.rstrip("/"):
-            problems.append(f"--cache {self.cache!r} is the same as --input; keep the label cache apart")
-        if not self.text_column:
-            problems.append("--text-column must name a column")
-        if self.compile not in ("auto", "on", "off"):
-            problems.append(f"--compile {self.compile!r}: use auto, on or off")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.partition_key or ""):
-            problems.append(f"--partition-key {self.partition_key!r}: use a column-like name such as dt")
+            extra.append(f"--cache {self.cache!r} is the same as --input; keep the label cache apart")
         if self.text_column in OUTPUT_COLUMNS:
-            problems.append(f"--text-column {self.text_column!r} is a column labeling adds; name the input column")
-        for flag, share in (("--review-budget", self.review_budget), ("--audit-fraction", self.audit_fraction)):
-            if not 0.0 <= share < 1.0:
-                problems.append(f"{flag} {share}: a share of rows, at least 0 and below 1 (e.g. 0.10 for 10%)")
-        if self.corrections and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*", self.corrections):
-            problems.append(f"--corrections {self.corrections!r}: expected NAMESPACE.TABLE, e.g. ledgers.corrections")
+            extra.append(f"--text-column {self.text_column!r} is a column labeling adds; name the input column")
         if self.corrections and self.corrections == self.output_table:
-            problems.append(f"--corrections {self.corrections!r} is the output table; name the corrections table "
-                            f"jobs.review import writes, e.g. ledgers.corrections")
+            extra.append(f"--corrections {self.corrections!r} is the output table; name the corrections table "
+                         f"jobs.review import writes, e.g. ledgers.corrections")
         if not (0.0 <= self.review_threshold <= 1.0 or self.review_threshold == -1.0):
-            problems.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored "
-                            f"rows), or -1 for the model's own")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+            extra.append(f"--review-threshold {self.review_threshold}: must be within [0, 1] (0 flags only unscored "
+                         f"rows), or -1 for the model's own")
+        check(self, extra)
         return self
 
 
 @dataclass
 class BackfillSettings(LabelSettings):
-    start: str = setting("First partition date to relabel, YYYY-MM-DD (inclusive).", default="")
-    end: str = setting("Last partition date to relabel, YYYY-MM-DD (inclusive).", default="")
+    start: str = setting("First partition date to relabel, YYYY-MM-DD (inclusive).", required=True, default="")
+    end: str = setting("Last partition date to relabel, YYYY-MM-DD (inclusive).", required=True, default="")
 
     def dates(self) -> tuple[date, date]:
         """--start and --end as dates, checked (ConfigError naming the flag and the fix)."""

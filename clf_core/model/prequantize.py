@@ -30,7 +30,7 @@ from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ConfigError
 from clf_core.model.backbone import PREQUANTIZED_META, backbone_fingerprint, resolve_backbone
 from clf_core.model.build import quantization_config, resolve_hardware
-from clf_core.settings import setting
+from clf_core.settings import check, setting
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @dataclass
 class PrequantizeSettings:
-    model: str = setting("The published model (artifact) whose backbone to quantize.", default="")
-    output: str = setting("A new local directory for the 4-bit copy.", default="")
+    model: str = setting("The published model (artifact) whose backbone to quantize.", default="", required=True)
+    output: str = setting("A new local directory for the 4-bit copy.", default="", required=True)
     device: str = setting("Quantize on this device (cuda, cpu; default: the model's setting). Use the kind that will "
-                          "score.", default="")
+                          "score.", default="", choices=("", "cpu", "cuda"))
 
     def validate(self) -> "PrequantizeSettings":
-        problems = [f"--{name} is required" for name in ("model", "output") if not getattr(self, name).strip()]
-        if self.device not in ("", "cpu", "cuda"):
-            problems.append(f"--device {self.device!r}: use cpu or cuda")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
-
+        return check(self)
 
 def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, device: str | None = None) -> dict:
     """Quantize `source` (a backbone directory or hub id) as `cfg.model` says and save it into

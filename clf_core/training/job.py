@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from clf_core import storage
 from clf_core.model.config import ClassifierConfig
@@ -33,7 +34,7 @@ from clf_core.training.data import ANSWERED, Split, add_answers, answers_into_sp
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
 from clf_core.model.registry import version_uri
-from clf_core.settings import bound_problems, setting
+from clf_core.settings import check, setting
 
 log = logging.getLogger("jobs.train")
 
@@ -46,7 +47,8 @@ class TrainJobSettings:
                           "Or --registry and --name.", default="")
     registry: str = setting("Publish into this model registry (local folder or s3://) as --name/<model_version>/; "
                             "python -m jobs.promote then moves the alias the scoring jobs use.", default="")
-    name: str = setting("The model's name in --registry, e.g. income-expense.", default="")
+    name: str = setting("The model's name in --registry, e.g. income-expense.", pattern=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+                        hint="use letters, digits, '.', '_' or '-', e.g. income-expense", default="")
     catalog: str = setting("The pyiceberg catalog of --corrections.", default="")
     corrections: str = setting("Also learn from reviewers' answers in this corrections table (python -m jobs.review "
                                "import): an answer overrides the file's label for the same text, and answered texts "
@@ -69,28 +71,50 @@ class TrainJobSettings:
                                 at_least=0, default=3)
     limit_rows: int = setting("Smoke size: use only this many rows (stratified sample) of --data.",
                               at_least=0, hint="0 = every row", default=0)
+    # How the model and its recipe (ClassifierConfig) are given: a YAML file, then the config's own
+    # flags (--lr, --base-model, ...), then --set; the later wins (jobs/train.py, config_from_args).
+    config: str = setting("YAML config (sections model/lora/data/train/review); the flags below override it.",
+                          default="")
+    overrides: list[str] = setting("Override any config field, e.g. --set lora.r=16 (repeatable).", flag="--set",
+                                   default_factory=list)
+    review_fraction: float | None = setting(
+        "Choose the default review threshold on validation to flag this share of rows, the least confident "
+        "(e.g. 0.08). [review.goal=fraction, review.value]", default=None)
+    review_target_error: float | None = setting(
+        "Choose it to flag as few rows as keep the expected error rate among the rows not flagged at most RATE "
+        "(e.g. 0.01). [review.goal=target_error, review.value]", default=None)
 
     def validate(self) -> "TrainJobSettings":
-        from clf_core.model.registry import NAME
-
-        problems = bound_problems(self)
+        extra = []
         if self.output.strip() and (self.registry or self.name):
-            problems.append("give either --output or --registry with --name, not both")
+            extra.append("give either --output or --registry with --name, not both")
         elif not self.output.strip() and not (self.registry and self.name):
-            problems.append("--output is required (a local folder or s3:// URI), or --registry and --name to publish "
-                            "into a model registry")
-        if self.name and not NAME.match(self.name):
-            problems.append(f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (e.g. income-expense)")
+            extra.append("--output is required (a local folder or s3:// URI), or --registry and --name to publish "
+                         "into a model registry")
         if self.corrections and not self.catalog:
-            problems.append("--corrections needs --catalog (the pyiceberg catalog it lives in)")
+            extra.append("--corrections needs --catalog (the pyiceberg catalog it lives in)")
         if self.data and (self.train_data or self.validation_data):
-            problems.append("give either --data (one file, split for you) or --train-data + --validation-data, "
-                            "not both")
+            extra.append("give either --data (one file, split for you) or --train-data + --validation-data, not both")
         elif not self.data and not (self.train_data and self.validation_data):
-            problems.append("no training data: pass --data FILE, or --train-data and --validation-data")
-        if problems:
-            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
-        return self
+            extra.append("no training data: pass --data FILE, or --train-data and --validation-data")
+        if self.review_fraction is not None and self.review_target_error is not None:
+            extra.append("give either --review-fraction or --review-target-error, not both")
+        return check(self, extra)
+
+    def classifier_config(self, flag_values: dict[str, Any] | None = None) -> ClassifierConfig:
+        """The model and its recipe: --config, then the config's own flags (`flag_values`,
+        {dotted field: value}), then --set; the later wins. Checked (ConfigError)."""
+        overrides = dict(flag_values or {})
+        if self.review_fraction is not None:
+            overrides.update({"review.goal": "fraction", "review.value": self.review_fraction})
+        if self.review_target_error is not None:
+            overrides.update({"review.goal": "target_error", "review.value": self.review_target_error})
+        for item in self.overrides:
+            field_name, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set lora.r=16")
+            overrides[field_name.strip()] = value
+        return ClassifierConfig.load(self.config or None, overrides)
 
     @property
     def checkpoint_uri(self) -> str:

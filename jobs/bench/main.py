@@ -239,11 +239,13 @@ def table(results: dict) -> str:
 # ---- main -----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from clf_core.logs import setup_logging
+    from clf_core import cli
 
-    setup_logging(level="WARNING")
+    return cli.main(build_parser(), argv, lambda args: bench(from_args(BenchSettings, args).validate(), argv))
+
+
+def bench(settings: BenchSettings, argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings = from_args(BenchSettings, build_parser().parse_args(argv)).validate()
     if settings.smoke:
         settings.rows, settings.rounds, settings.train_rounds = settings.rows or 60, 1, 1
         settings.ledger_nights, settings.train_rows, settings.coldstart_hidden = 2, 64, 0

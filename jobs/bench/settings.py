@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from clf_core.settings import add_arguments, bound_problems, setting
+from clf_core import cli
+from clf_core.settings import check, setting
 
 CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "coldstart", "train")
 # "gpu" is the --device cuda sweep; named as an item it runs on the CPU (with --gpu-size tiny) to
@@ -30,7 +31,8 @@ class BenchSettings:
     rows: int = setting("Score only the first N real account rows (0 = all 1,129).", default=0)
     text_column: str = setting("Column of the packaged chart of accounts to score.", default="full_path")
     rounds: int = setting("Interleaved rounds per scoring variant (median, min, max over them).", at_least=1, default=5)
-    batch_size: int = setting("Our predictor's rows per forward pass (jobs.label's default is 64).", at_least=1, default=64)
+    batch_size: int = setting("Our predictor's rows per forward pass (jobs.label's default is 64).",
+                              at_least=1, default=64)
     label_scale: int = setting("The label item also runs on a ledger this many times larger (every line "
                                "distinct), beside the predictor on the same rows: the job's per-run cost "
                                "then shows apart from its per-row cost.", at_least=1, default=20)
@@ -44,18 +46,19 @@ class BenchSettings:
                                     "backbone). Larger shows what quantizing on start costs.", default=1024)
     smoke: bool = setting("Tiny sizes and one round: checks that every item runs (tests).", default=False)
     device: str = setting("'cpu': the items above. 'cuda': the GPU throughput sweep of a full-size "
-                          "Mistral-7B (random weights, nf4 + LoRA).", default="cpu")
+                          "Mistral-7B (random weights, nf4 + LoRA).", default="cpu", choices=("cpu", "cuda"))
     gpu_size: str = setting("'7b' (Mistral-7B-v0.1 architecture) or 'tiny' (same code path, seconds, any device).",
-                            default="7b")
+                            default="7b", choices=("7b", "tiny"))
     gpu_batch_sizes: str = setting("Batch sizes of the GPU sweep.", default="64,128,256,512,1024")
     gpu_dtypes: str = setting("Compute dtypes of the GPU sweep.", default="float16,bfloat16")
     gpu_tokens: int = setting("Tokens per row in the GPU sweep (ledger lines are ~20).", at_least=1, default=20)
-    gpu_iters: int = setting("Timed forward passes per GPU configuration (after 2 warm-up passes).", at_least=1, default=10)
+    gpu_iters: int = setting("Timed forward passes per GPU configuration (after 2 warm-up passes).",
+                             at_least=1, default=10)
     gpu_anchor_dtypes: str = setting("Compute dtypes at which the GPU item also times the anchor: plain transformers + "
                                      "bitsandbytes nf4 (no LoRA, no project code), eager and torch.compile'd. Empty: "
                                      "none.", default="bfloat16")
     compile: str = setting("model.compile of our predictor in the gpu and realpath items: auto (on CUDA), on, off.",
-                           default="auto")
+                           default="auto", choices=("auto", "on", "off"))
     realpath_rows: int = setting("Distinct ledger lines of the realpath item (the packaged chart, one line per "
                                  "property, shuffled).", at_least=1, default=200_000)
     realpath_rows_per_call: int = setting("Texts per Predictor.predict call in the realpath item, as jobs.label's "
@@ -66,7 +69,8 @@ class BenchSettings:
     scale_rows: str = setting("Ledger sizes of the scale item, rows (about --scale-distinct of them distinct).",
                               default="100000,1000000,4000000")
     scale_partitions: int = setting("Daily partitions of each scale ledger.", at_least=1, default=30)
-    scale_distinct: float = setting("Share of distinct texts in the scale ledgers.", default=0.1)
+    scale_distinct: float = setting("Share of distinct texts in the scale ledgers.", default=0.1,
+                                    above=0.0, at_most=1.0)
     scale_cache: str = setting("Label cache sizes (entries) the scale item compares on its smallest ledger.",
                                default="20000,2000000")
     scale_rounds: int = setting("Runs per size of the scale item (medians).", at_least=1, default=3)
@@ -86,24 +90,11 @@ class BenchSettings:
         return [x.strip() for x in self.items.split(",") if x.strip()]
 
     def validate(self) -> "BenchSettings":
-        problems = bound_problems(self)
         unknown = [x for x in self.item_list() if x not in ALL_ITEMS]
-        if unknown:
-            problems.append(f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}")
-        if self.device not in ("cpu", "cuda"):
-            problems.append(f"--device {self.device!r}: use cpu or cuda")
-        if self.compile not in ("auto", "on", "off"):
-            problems.append(f"--compile {self.compile!r}: use auto, on or off")
-        if self.gpu_size not in ("7b", "tiny"):
-            problems.append(f"--gpu-size {self.gpu_size!r}: use 7b or tiny")
-        if not 0 < self.scale_distinct <= 1:
-            problems.append(f"--scale-distinct {self.scale_distinct}: must be within (0, 1]")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
-        return self
+        return check(self, [f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}"] if unknown else [])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser, BenchSettings)
-    return parser
+    import jobs.bench
+
+    return cli.build_parser("python -m jobs.bench", jobs.bench.__doc__, BenchSettings)

@@ -19,7 +19,6 @@ its commit. Before its first commit the backfill tags the table's current snapsh
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from clf_core import cli
@@ -32,18 +31,13 @@ def build_parser():
 
 
 def backfill(args) -> int:
-    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.pipeline import label_job
     from clf_core.labeling.settings import BackfillSettings
-    from clf_core.labeling.pipeline import backfill_tag, label_job
-    from clf_core.model.registry import resolve_model
     from clf_core.settings import from_args
 
     settings = from_args(BackfillSettings, args)
     start, end = settings.dates()
-    settings = dataclasses.replace(settings.validate(), model=resolve_model(settings.model).uri)  # @champion, once
-    artifact = open_artifact(settings.model)
-    summary = label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
-                        artifact=artifact)
+    summary = label_job(settings, start, end, mode="backfill")
     return summary.exit_status if summary else 0
 
 

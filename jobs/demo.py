@@ -304,17 +304,13 @@ def promote(registry: str, version: str, evaluation: str, cache: str, shadow_nig
 def backfill(model: str, ledgers: str, cache: str, review: str, start: date, end: date):
     """`python -m jobs.backfill --start ... --end ... --model .../income-expense@champion ...`: every
     night relabeled by the new champion, reviewers' answers applied again, and its diff report."""
-    from clf_core.model.artifact import open_artifact
+    from clf_core.labeling.pipeline import label_job
     from clf_core.labeling.settings import LabelSettings
-    from clf_core.labeling.pipeline import backfill_tag, label_job
-    from clf_core.model.registry import resolve_model
 
-    settings = LabelSettings(model=resolve_model(model).uri, input=ledgers, catalog=CATALOG, output_table=TABLE,
+    settings = LabelSettings(model=model, input=ledgers, catalog=CATALOG, output_table=TABLE,
                              cache=cache, review_export=review, shuffle_partitions=4, audit_fraction=AUDIT_FRACTION,
                              review_budget=REVIEW_BUDGET, corrections=CORRECTIONS)
-    artifact = open_artifact(settings.model)
-    return label_job(settings, start, end, mode="backfill", tag=backfill_tag(start, end, artifact.model_version),
-                     artifact=artifact)
+    return label_job(settings, start, end, mode="backfill")
 
 
 def label(model: str, ledgers: str, cache: str, review: str, review_threshold: float):

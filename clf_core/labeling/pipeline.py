@@ -62,10 +62,11 @@ def backfill_tag(start, end, model_version: str) -> str:
 
 def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label", tag: str | None = None,
               artifact=None) -> "Summary | None":
-    """A label job from its settings (jobs.label; jobs.backfill with a date range, mode
-    "backfill" and a tag; the demo): validate, open the model once, the output table and the
-    reviewers' answers, plan, then show the plan and run it (see `execute`). Raises ClfError
-    (bad input, exit 2) or TableError (an unreadable table, exit 1) before any worker starts."""
+    """A label job from its settings (jobs.label; jobs.backfill with a date range and mode
+    "backfill", tagged `backfill_tag` unless `tag` says otherwise; the demo): validate, open the
+    model once, the output table and the reviewers' answers, plan, then show the plan and run it
+    (see `execute`). Raises ClfError (bad input, exit 2) or TableError (an unreadable table,
+    exit 1) before any worker starts."""
     from clf_core.model.artifact import open_artifact
     from clf_core.review.corrections import CorrectionsTable
     from clf_core.labeling.plan import plan
@@ -83,6 +84,8 @@ def label_job(settings: LabelSettings, start=None, end=None, mode: str = "label"
         log.info("applying reviewers' answers from %s (the corrections table of %s's earlier runs)", corrections_id,
                  settings.output_table)
     corrections = CorrectionsTable(settings.catalog, corrections_id) if corrections_id else None
+    if mode == "backfill" and tag is None:
+        tag = backfill_tag(start, end, artifact.model_version)
     pl = plan(settings, artifact.model_version, table, start, end, mode, corrections=corrections, artifact=artifact)
     return execute(settings, pl, table, artifact.model_version, tag, artifact=artifact, corrections=corrections)
 

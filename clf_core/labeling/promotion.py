@@ -28,6 +28,7 @@ from datetime import date
 
 import pyarrow as pa
 
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.model import registry
 from clf_core.model.registry import CHAMPION
 from clf_core.errors import ClfError, ConfigError, DataError
@@ -68,7 +69,7 @@ class PromoteSettings:
     actors: int = setting("Scoring actors (production: one per GPU).", at_least=1, default=1)
     gpus_per_actor: float = setting("GPUs per scoring actor: 1 on a T4 node, 0 on CPU.", at_least=0, default=0.0)
     cpus_per_actor: float = setting("CPUs reserved per scoring actor.", above=0, default=0.5)
-    batch_size: int = setting("Texts per model forward pass.", at_least=1, default=64)
+    batch_size: int = setting("Texts per model forward pass.", at_least=1, default=SCORING_BATCH_SIZE)
 
     def validate(self) -> "PromoteSettings":
         extra = []

@@ -39,6 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.review.corrections import MODEL_SOURCE, REVIEW_SOURCE
 from clf_core.labeling.cache import LabelCache
 
@@ -181,8 +182,8 @@ class TextScorer:
     grow with the cache.
     """
 
-    def __init__(self, model: str, cache: str, run_id: str, batch_size: int = 64, device: str | None = None,
-                 backbone: str | None = None, compile: str | None = None):
+    def __init__(self, model: str, cache: str, run_id: str, batch_size: int = SCORING_BATCH_SIZE,
+                 device: str | None = None, backbone: str | None = None, compile: str | None = None):
         import torch  # in the actor, not the driver
 
         from clf_core.logs import setup_logging

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.errors import ConfigError
 from clf_core.labeling.scoring import OUTPUT_COLUMNS
 from clf_core.settings import check, setting
@@ -51,7 +52,7 @@ class LabelSettings:
     gpus_per_actor: float = setting("GPUs per scoring actor: 1 on a T4 node, 0 on CPU.",
                                     at_least=0, hint="1 = one T4 per actor", default=0.0)
     batch_size: int = setting("Texts per model forward pass (bounds the activations' GPU memory).",
-                              at_least=1, default=64)
+                              at_least=1, default=SCORING_BATCH_SIZE)
     compile: str = setting("Compile the scoring actors' forward pass: auto (the model's model.compile: on CUDA "
                            "only), on, off. Compiled graphs are cached on the node, so a second actor starts fast.",
                            default="auto", choices=("auto", "on", "off"))

@@ -28,6 +28,11 @@ from clf_core.settings import add_arguments, problems, setting
 # packaged copy (see clf_core.model.backbone.resolve_backbone).
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
+# Rows per forward pass when scoring (evaluation, jobs.label, the promotion gate, a Predictor): 64
+# ledger lines of ~20-25 tokens fit any GPU and keep a CPU busy; larger pays off only on a GPU
+# (docs/performance.md has the sweep).
+SCORING_BATCH_SIZE = 64
+
 QUANTIZATIONS = ("nf4", "none")
 COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -137,7 +142,7 @@ class TrainConfig:
         "'balanced' weights the loss by inverse class frequency (real charts are ~4 Expense : "
         "1 Income; macro-F1 is what matters), 'none' for the plain loss.",
         default="balanced", choices=CLASS_WEIGHTS)
-    eval_batch_size: int = setting("Rows per forward pass when evaluating.", default=64, at_least=1)
+    eval_batch_size: int = setting("Rows per forward pass when evaluating.", default=SCORING_BATCH_SIZE, at_least=1)
     split: list[float] = setting(
         "Train / validation / test fractions when one labeled file is split.",
         default_factory=lambda: [0.75, 0.125, 0.125],

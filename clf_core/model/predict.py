@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.model.artifact import Artifact, open_artifact
 from clf_core.model.batching import TokenStats
 from clf_core.errors import ArtifactError, ConfigError
@@ -127,7 +128,7 @@ class ForwardStats:
 
 class Predictor:
     def __init__(self, model, tokenizer, labels: list[str], max_tokens: int, device: torch.device,
-                 batch_size: int = 64, model_version: str = "unsaved", temperature: float = 1.0,
+                 batch_size: int = SCORING_BATCH_SIZE, model_version: str = "unsaved", temperature: float = 1.0,
                  compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -160,7 +161,7 @@ class Predictor:
             self.forward = compile_regions(model, dynamic=False)
 
     @classmethod
-    def load(cls, artifact: str | Artifact, device: str | None = None, batch_size: int = 64,
+    def load(cls, artifact: str | Artifact, device: str | None = None, batch_size: int = SCORING_BATCH_SIZE,
              backbone: str | None = None, compile: str | None = None, merge_lora: bool = True) -> "Predictor":
         """Load a verified artifact. `backbone` overrides where the base weights are read from
         (a node-local copy, or a pre-quantized copy the artifact approves); its content must still

@@ -16,6 +16,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.model import calibration
 from clf_core.model.artifact import save_artifact
 from clf_core.model.calibration import Calibration
@@ -76,7 +77,7 @@ class TrainRun:
     token_report: dict = field(default_factory=dict)
     calibration: Calibration | None = None
 
-    def predictor(self, batch_size: int = 64) -> Predictor:
+    def predictor(self, batch_size: int = SCORING_BATCH_SIZE) -> Predictor:
         p = self.prepared
         return Predictor(p.model, p.tokenizer, p.cfg.data.labels, p.cfg.model.max_tokens, p.hw.device, batch_size,
                          temperature=self.calibration.temperature if self.calibration else 1.0)

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 
 from clf_core import cli
+from clf_core.model.config import SCORING_BATCH_SIZE
 from clf_core.settings import check, setting
 
 CPU_ITEMS = ("seed", "pipeline", "predictor", "label", "padding", "dedup", "coldstart", "train")
@@ -31,8 +32,8 @@ class BenchSettings:
     rows: int = setting("Score only the first N real account rows (0 = all 1,129).", default=0)
     text_column: str = setting("Column of the packaged chart of accounts to score.", default="full_path")
     rounds: int = setting("Interleaved rounds per scoring variant (median, min, max over them).", at_least=1, default=5)
-    batch_size: int = setting("Our predictor's rows per forward pass (jobs.label's default is 64).",
-                              at_least=1, default=64)
+    batch_size: int = setting("Our predictor's rows per forward pass (jobs.label's default).",
+                              at_least=1, default=SCORING_BATCH_SIZE)
     label_scale: int = setting("The label item also runs on a ledger this many times larger (every line "
                                "distinct), beside the predictor on the same rows: the job's per-run cost "
                                "then shows apart from its per-row cost.", at_least=1, default=20)

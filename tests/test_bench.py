@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from jobs.bench.corrections import family_keys
 from jobs.bench.main import main as run_bench
 from jobs.bench.measure import interleaved, summarize
 from jobs.bench.scoring import nightly_ledger, per_run_and_per_row
@@ -106,6 +107,16 @@ def test_interleaved_rounds_rotate_the_order_and_time_every_variant():
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]   # no variant always runs first
     assert {k: len(v) for k, v in rates.items()} == {"a": 3, "b": 3, "c": 3}
     assert summarize([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "runs": 4}
+
+
+def test_a_corrected_texts_family_is_its_parent_section_or_its_first_word():
+    """The corrections item's families (issue 25: "same parent account, or the same first words")."""
+    assert family_keys("Export Services", "Export Services") & family_keys("Export Sales", "Export Sales")
+    assert not family_keys("Export Services", "Export Services") & family_keys("Fuel Tax Credits", "Fuel Tax Credits")
+    assert family_keys("Travel Expenses Airfare", "Airfare") & family_keys("Travel Expenses Hotels", "Hotels")
+    assert family_keys("Repairs - Plumbing", "Repairs - Plumbing") & family_keys("Repairs Roof", "Repairs Roof")
+    # a catch-all first word names no family on its own
+    assert not family_keys("Other Income", "Other Income") & family_keys("Other Expenses", "Other Expenses")
 
 
 def test_unknown_item_names_the_flag_and_the_choices(capsys):

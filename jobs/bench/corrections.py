@@ -8,7 +8,7 @@ add_answers: the same merge as jobs.train --corrections), and both models label 
 nobody reviewed:
 
 - family rows: unreviewed rows of the same family as a corrected text (the same parent section in
-  the chart, or the same first two words of the account name, "Repairs - ..."): the errors a
+  the chart, or the same first word of the account name, "Repairs - ..."): the errors a
   correction should teach the model not to make again;
 - other rows: the rest of the unreviewed rows: the errors a correction should not cause.
 
@@ -27,15 +27,22 @@ from jobs.bench.review import Loop, catalog_for, labeled, review_loop, summarize
 from jobs.bench.settings import BenchSettings
 
 
+# Leading words that name no family: ledger modifiers and catch-alls ("Other income", "Less: ...").
+# A name that starts with one is keyed on its first two words instead.
+VAGUE_FIRST_WORDS = {"less", "plus", "other", "others", "total", "misc", "miscellaneous", "sundry", "general"}
+
+
 def family_keys(full_path: str, name: str) -> set[str]:
-    """A row's families: its parent section (the path above the account) and the first two words
-    of its account name."""
+    """A row's families: its parent section (the path above the account) and the first word of its
+    account name ("Repairs - Plumbing" and "Repairs Roof" are one family; "Export Services" and
+    "Export Sales" too)."""
     keys = set()
     if full_path.endswith(name) and full_path != name:
         keys.add("section:" + full_path[: -len(name)].strip().lower())
-    words = name.lower().replace("-", " ").split()
-    if len(words) >= 2:
-        keys.add("words:" + " ".join(words[:2]))
+    words = [w.strip(".,:;()&/") for w in name.lower().replace("-", " ").split()]
+    words = [w for w in words if w]
+    if words:
+        keys.add("words:" + " ".join(words[:2] if words[0] in VAGUE_FIRST_WORDS else words[:1]))
     return keys
 
 

@@ -591,17 +591,6 @@ def test_entrypoint_parses_with_the_jobs_own_parser(source, module, argv):
     parse(source, module, argv)
 
 
-def strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """No abbreviated flags: argparse would otherwise take a removed flag for a longer one that
-    starts like it (the old `--output s3://...` of jobs.label parses as `--output-table`)."""
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                strict(sub)
-    return parser
-
-
 def job_parser(module: str) -> argparse.ArgumentParser:
     """The job's own parser: `build_parser` of the module `python -m` runs, or for a package
     (jobs.bench) of its settings module."""
@@ -612,13 +601,34 @@ def job_parser(module: str) -> argparse.ArgumentParser:
 
 
 def parse(source, module, argv):
-    parser = strict(job_parser(module))
+    parser = job_parser(module)
     try:
         return parser.parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{source}: `python -m {module} {shlex.join(argv)}` is rejected by "
                     f"{module}.build_parser() (exit {e.code}; abbreviated flags are refused); "
                     f"fix the command or the flag name")
+
+
+JOB_MODULES = sorted({module for _, module, _ in ENTRYPOINTS} | {"jobs.demo", "jobs.prequantize", "jobs.review",
+                                                                  "jobs.promote", "jobs.table", "jobs.bench"})
+
+
+@pytest.mark.parametrize("module", JOB_MODULES)
+def test_every_job_refuses_an_abbreviated_flag(module):
+    """argparse would take `--output` for `--output-table` (a removed flag for another): every job's
+    parser, and each of its subcommands, refuses a flag cut short."""
+    parser = job_parser(module)
+    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    for each in parsers:
+        for action in each._actions:
+            action.required = False          # a fresh parser: only the abbreviation is looked at
+        for action in each._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and len(flag) > 6 and flag != "--help":
+                    _, unknown = each.parse_known_args([flag[:-2]] + ([] if action.nargs == 0 else ["x"]))
+                    assert flag[:-2] in unknown, f"{module}: {flag[:-2]} was taken for {flag}"
 
 
 def test_parse_refuses_a_removed_flag():

@@ -30,7 +30,7 @@ from clf_core.labeling.scoring import OUTPUT_COLUMNS, ApplyLabels, TextScorer, c
 from clf_core.labeling.records import PartitionCommit
 from clf_core.labeling.table import CommitError, LabeledTable
 from clf_core.labeling.write import WriteDataFiles
-from conftest import ledger_rows
+from conftest import ledger_rows, train_tiny_artifact
 from jobs import backfill, label
 from jobs import table as table_job
 
@@ -796,26 +796,33 @@ def test_compact_cache_command_bounds_the_files_and_keeps_every_entry(tmp_path, 
 
 @pytest.mark.integration
 def test_scoring_actors_use_an_approved_prequantized_backbone(ray_cluster, s3_bucket, iceberg_catalog, table_name,
-                                                               tiny_artifact, tmp_path, capsys):
+                                                               tiny_artifact, tiny_backbone, tmp_path, capsys):
     import shutil
 
     from jobs import prequantize as prequantize_job
 
+    # a model of its own, over a backbone folder of its own that this test can move away
+    backbone = tmp_path / "mistral"
+    shutil.copytree(tiny_backbone, backbone)
     model = tmp_path / "model"
-    shutil.copytree(tiny_artifact, model)   # approving writes into the model's manifest
+    train_tiny_artifact(model, str(backbone), steps=2)
     assert prequantize_job.main(["--model", str(model), "--output", str(tmp_path / "nf4")]) == 0
     assert "score with: --backbone" in capsys.readouterr().out
     src = f"{s3_bucket}/ledgers"
     day = ledger_day(40, 0)
     write_partition(src, DAYS[0], day)
-    # an unapproved copy (the original model does not list it) is refused before any worker starts
+    expected = Predictor.load(str(model)).predict(day.sort_values("row_id")["texts"].tolist())
+    # an unapproved copy (the other model does not list it) is refused before any worker starts
     assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, f"{s3_bucket}/c0",
                                "--backbone", str(tmp_path / "nf4"))) == 2
     assert "does not approve" in capsys.readouterr().err
+    # with the original backbone gone, only actors that really load the approved copy can score
+    backbone.rename(tmp_path / "moved-away")
+    assert label.main(job_args(str(model), src, iceberg_catalog, table_name, f"{s3_bucket}/c1")) == 1
+    assert f"model.backbone = '{backbone}': no such directory" in capsys.readouterr().err
     assert label.main(job_args(str(model), src, iceberg_catalog, table_name, f"{s3_bucket}/c1",
                                "--backbone", str(tmp_path / "nf4"))) == 0
     labeled = read_labeled(iceberg_catalog, table_name).sort_values("row_id")
-    expected = Predictor.load(tiny_artifact).predict(day.sort_values("row_id")["texts"].tolist())
     assert labeled["label"].tolist() == expected.labels   # the 4-bit copy scores like quantize-on-load
 
 

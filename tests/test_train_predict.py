@@ -12,6 +12,8 @@ from clf_core.errors import ArtifactError
 from clf_core.model.predict import Predictor
 from clf_core.training.recipe import train_classifier
 from conftest import ledger_rows
+from support.calibration import (WRONG_VALIDATION_LABELS, assert_carries_its_calibration, raw_logits,
+                                 with_wrong_validation_labels)
 from jobs.support.tiny import tiny_config as tiny_model_config
 
 
@@ -19,6 +21,7 @@ from jobs.support.tiny import tiny_config as tiny_model_config
 def trained(tmp_path_factory, tiny_backbone):
     cfg = tiny_model_config(tiny_backbone)
     split = stratified_split(ledger_rows(480, seed=1), "label", cfg.train.split, seed=200)
+    split = with_wrong_validation_labels(split)   # the temperature has a best value to find
     run = train_classifier(cfg, split)
     directory = tmp_path_factory.mktemp("artifact") / "model"
     manifest = run.save(directory, metrics=run.evaluate_table(split.test))
@@ -37,12 +40,12 @@ def test_base_is_nf4_and_only_lora_and_head_train(trained):
     assert any(".score." in n for n in trainable)
 
 
-def test_reaches_95_percent_validation_accuracy(trained):
-    run = trained[0]
+def test_reaches_95_percent_accuracy(trained):
+    run, split = trained[:2]
     history = run.trainer.state.history
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     best = history[run.trainer.state.best_epoch]
-    assert best["val_accuracy"] >= 0.95
+    assert best["val_accuracy"] >= 0.95 - WRONG_VALIDATION_LABELS / len(split.validation)
     assert trained[3]["metrics"]["accuracy"] >= 0.95  # held-out test split
 
 
@@ -129,16 +132,12 @@ def test_the_artifact_carries_its_calibration_and_every_scorer_applies_it(traine
 
     run, split, directory, manifest = trained
     temperature = manifest["calibration"]["temperature"]
-    assert 0.05 <= temperature <= 20 and manifest["calibration"]["rows"] == len(split.validation)
-    assert manifest["review"]["goal"] == "fraction" and 0.0 <= manifest["review"]["threshold"] <= 1.0
     loaded = Predictor.load(str(directory))
-    assert loaded.temperature == temperature
+    assert_carries_its_calibration(loaded, split.validation, manifest)
     # the loaded predictor's probabilities are softmax(logits / T) of the same model's raw logits
     texts = split.test["texts"].tolist()[:20]
-    batch = loaded.tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        logits = loaded.model(**batch).logits.float().numpy()
-    np.testing.assert_allclose(loaded.predict(texts).probabilities, softmax(logits, temperature), atol=1e-4)
+    np.testing.assert_allclose(loaded.predict(texts).probabilities, softmax(raw_logits(loaded, texts), temperature),
+                               atol=1e-4)
     # the temperature and the threshold are part of the model's identity: edit one, and the
     # artifact is refused instead of scoring with confidences nobody measured
     assert compute_model_version({**manifest, "calibration": {**manifest["calibration"], "temperature": 1.0}}) \

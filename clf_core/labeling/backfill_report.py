@@ -5,12 +5,13 @@ against the table after its last one.
     pair, changes per partition, the 20 most frequent changed texts, and how many of the changed
     rows had carried a reviewer's answer (with --corrections none do: the answers are applied again)
 
-The rows are never gathered on the driver. Ray Data reads the partitions' data files of both
-snapshots (four columns), counts rows per (partition, text, label, source) in each block, and
-groups by (partition, text) to find the rows whose label changed; only those groups' totals, and
-then their sums by pair, partition and text, come back. Rows are matched by text within a
-partition, not one by one: a model gives every row of a text the same label, so the counts say
-exactly how many rows moved from which label to which (when the input did not change between).
+The rows are never gathered on the driver. A Ray task per relabeled partition reads the
+partition's data files of both snapshots (three columns), counts rows per (text, label, reviewer's
+answer) on each side and matches them text by text; only the changed (text, old -> new) counts come
+back, which the driver sums by pair, partition and text. There is no shuffle: a partition (a night)
+fits in one worker. Rows are matched by text within a partition, not one by one: a model gives
+every row of a text the same label, so the counts say exactly how many rows moved from which label
+to which (when the input did not change between).
 
 The figures become the `clf.backfill-report` property of a snapshot that closes the backfill (no
 file changes; a rollback to the tag undoes it with the rest), and a Markdown report at
@@ -72,36 +73,36 @@ class Diff:
                 f"changed label ({pairs or 'none'}); {self.reviewed_changed:,} of them had a reviewer's answer"]
 
 
-def count_side(batch: pa.Table, key: str, text_column: str, side: str) -> pa.Table:
-    """Rows per (partition, text, label, source) of a block, on one side of the backfill."""
-    source = batch.column("label_source") if "label_source" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
-    partition = pc.binary_join_element_wise(pa.scalar(f"{key}="), pc.cast(batch.column(key), pa.string()), "")
-    table = pa.table({"partition": partition, "text": pc.cast(batch.column(text_column), pa.string()),
-                      "label": pc.cast(batch.column("label"), pa.string()),
-                      "review": pc.fill_null(pc.equal(source, "review"), False)})
-    counts = table.group_by(["partition", "text", "label", "review"], use_threads=False).aggregate([([], "count_all")])
-    n = counts.column("count_all")
-    return counts.drop_columns(["count_all"]).append_column(
-        "before", n if side == "before" else pa.array([0] * len(counts), pa.int64())).append_column(
-        "after", n if side == "after" else pa.array([0] * len(counts), pa.int64()))
+def count_rows(paths: list[str], text_column: str) -> dict[tuple[str | None, str, bool], int]:
+    """Rows per (text, label, carries a reviewer's answer) in some of the table's data files (three
+    columns read; a file written before label_source existed counts no answers)."""
+    import pyarrow.parquet as pq
+
+    counts: dict[tuple[str | None, str, bool], int] = {}
+    for path in paths:
+        fs, inner = storage.filesystem(path)
+        with fs.open(inner, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            batch = parquet.read(columns=[c for c in (text_column, "label", "label_source") if c in names])
+        source = batch.column("label_source") if "label_source" in names else pa.nulls(batch.num_rows, pa.string())
+        table = pa.table({"text": pc.cast(batch.column(text_column), pa.string()),
+                          "label": pc.fill_null(pc.cast(batch.column("label"), pa.string()), "(none)"),
+                          "review": pc.fill_null(pc.equal(source, "review"), False)})
+        grouped = table.group_by(["text", "label", "review"], use_threads=False).aggregate([([], "count_all")])
+        for text, label, review, n in zip(*(grouped.column(c).to_pylist()
+                                            for c in ("text", "label", "review", "count_all"))):
+            counts[(text, label, review)] = counts.get((text, label, review), 0) + n
+    return counts
 
 
-def changed_rows(group: pa.Table) -> pa.Table:
-    """For one (partition, text): the rows whose label changed, by (old, new) pair. Matched by
-    label: each label's surplus after is paired with the labels that lost rows."""
-    before: dict[str, int] = {}
-    after: dict[str, int] = {}
-    reviewed: dict[str, int] = {}
-    for label, review, b, a in zip(group["label"].to_pylist(), group["review"].to_pylist(),
-                                   group["before"].to_pylist(), group["after"].to_pylist()):
-        label = label if label is not None else "(none)"
-        before[label] = before.get(label, 0) + b
-        after[label] = after.get(label, 0) + a
-        if review:
-            reviewed[label] = reviewed.get(label, 0) + b
+def moves(before: dict[str, int], after: dict[str, int], reviewed: dict[str, int]) -> list[tuple[str, str, int, int]]:
+    """For one text of one partition, rows per label before and after (and before, with a
+    reviewer's answer): the rows whose label changed as (old, new, rows, of them reviewed). Each
+    label's surplus after is paired with the labels that lost rows."""
     lost = {label: n - after.get(label, 0) for label, n in before.items() if n > after.get(label, 0)}
     gained = {label: n - before.get(label, 0) for label, n in after.items() if n > before.get(label, 0)}
-    rows = []
+    found = []
     for old, missing in lost.items():
         reviewed_left = min(reviewed.get(old, 0), missing)
         for new in list(gained):
@@ -112,13 +113,24 @@ def changed_rows(group: pa.Table) -> pa.Table:
             missing -= moved
             from_reviewed = min(reviewed_left, moved)
             reviewed_left -= from_reviewed
-            rows.append({"old": old, "new": new, "rows": moved, "reviewed": from_reviewed})
+            found.append((old, new, moved, from_reviewed))
             if not gained[new]:
                 del gained[new]
-    partition, text = group["partition"][0].as_py(), group["text"][0].as_py()
-    return pa.Table.from_pylist([{"partition": partition, "text": text, **r} for r in rows],
-                                schema=pa.schema([("partition", pa.string()), ("text", pa.string()), ("old", pa.string()),
-                                                  ("new", pa.string()), ("rows", pa.int64()), ("reviewed", pa.int64())]))
+    return found
+
+
+def diff_partition(before_files: list[str], after_files: list[str], text_column: str) -> list[tuple]:
+    """One partition's changed rows, (text, old, new, rows, reviewed) per text and label pair: both
+    sides' files counted by text and label, then matched text by text."""
+    sides: dict[str, tuple[dict, dict, dict]] = {}
+    for paths, side in ((before_files, 0), (after_files, 1)):
+        for (text, label, review), n in count_rows(paths, text_column).items():
+            per_label = sides.setdefault(text, ({}, {}, {}))
+            per_label[side][label] = per_label[side].get(label, 0) + n
+            if review and side == 0:
+                per_label[2][label] = per_label[2].get(label, 0) + n
+    return [(text, *move) for text, (before, after, reviewed) in sides.items() if before != after
+            for move in moves(before, after, reviewed)]
 
 
 def backfill_diff(labeled, tag: str, partitions: list[str], text_column: str) -> Diff | None:
@@ -134,31 +146,23 @@ def backfill_diff(labeled, tag: str, partitions: list[str], text_column: str) ->
     wanted = set(partitions)
     before = {k: v for k, v in labeled.partition_files(before_id).items() if k in wanted}
     after = {k: v for k, v in labeled.partition_files(after_id).items() if k in wanted}
-    schema = pa.schema([(labeled.partition_key, pa.date32() if labeled.key_is_date else pa.string()),
-                        (text_column, pa.string()), ("label", pa.string()), ("label_source", pa.string())])
-    sides = []
-    for side, files in (("before", before), ("after", after)):
-        paths = [f for p in files.values() for f in p.files]
-        if paths:
-            sides.append(ray.data.read_parquet(paths, partitioning=None, schema=schema).map_batches(
-                count_side, batch_format="pyarrow", num_cpus=0.25,
-                fn_kwargs={"key": labeled.partition_key, "text_column": text_column, "side": side}))
     diff = Diff(tag, before_id, after_id, partitions=len(after), rows=sum(p.rows for p in after.values()))
-    if not sides:
-        return diff
-    counts = sides[0].union(*sides[1:]) if len(sides) > 1 else sides[0]
-    changes = counts.groupby(["partition", "text"]).map_groups(changed_rows, batch_format="pyarrow",
-                                                               num_cpus=0.25).materialize()
-    if not changes.count():
-        return diff
-    diff.changed = int(changes.sum("rows"))
-    diff.reviewed_changed = int(changes.sum("reviewed"))
-    for row in changes.groupby(["old", "new"]).sum("rows").take_all():
-        diff.pairs[f"{row['old']} -> {row['new']}"] = int(row["sum(rows)"])
-    for row in changes.groupby("partition").sum("rows").take_all():
-        diff.per_partition[row["partition"]] = int(row["sum(rows)"])
-    top = changes.groupby("text").sum("rows").sort("sum(rows)", descending=True).take(TOP_TEXTS)
-    diff.top_texts = [(row["text"], int(row["sum(rows)"])) for row in top]
+    # A task per partition (a night's rows fit in a worker; no shuffle), a quarter CPU each so the
+    # report never waits on a whole core; only the changed (text, old, new) counts come back.
+    task = ray.remote(num_cpus=0.25, max_retries=3)(diff_partition)
+    pending = {task.remote(before[name].files if name in before else [], after[name].files, text_column): name
+               for name in sorted(after)}
+    per_text: dict[str, int] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        for text, old, new, rows, reviewed in ray.get(done[0]):
+            diff.changed += rows
+            diff.reviewed_changed += reviewed
+            diff.pairs[f"{old} -> {new}"] = diff.pairs.get(f"{old} -> {new}", 0) + rows
+            diff.per_partition[name] = diff.per_partition.get(name, 0) + rows
+            per_text[text] = per_text.get(text, 0) + rows
+    diff.top_texts = sorted(per_text.items(), key=lambda kv: (-kv[1], kv[0] or ""))[:TOP_TEXTS]
     return diff
 
 

@@ -202,6 +202,28 @@ def test_scorer_adds_what_it_scores_to_the_cache_and_the_labeler_holds_only_the_
     assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
 
 
+def test_the_run_shuffles_by_sort_unless_told_hash():
+    """Ray's default shuffle starts aggregator actors (~5 s per shuffle, two per run); the run's
+    shuffles move distinct texts only, so the job asks for sort shuffle unless told otherwise."""
+    import ray.data
+    from ray.data.context import ShuffleStrategy
+
+    from clf_core.labeling.pipeline import configure_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.shuffle_strategy
+    base = {"model": "m", "input": "in", "catalog": "c", "output_table": "ns.t", "cache": "c1"}
+    try:
+        configure_ray_data(LabelSettings(**base))
+        assert ctx.shuffle_strategy == ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        configure_ray_data(LabelSettings(**base, shuffle="hash"))
+        assert ctx.shuffle_strategy == ShuffleStrategy.SHUFFLE_V2
+    finally:
+        ctx.shuffle_strategy = before
+    with pytest.raises(ConfigError, match="--shuffle 'push'"):
+        LabelSettings(**base, shuffle="push").validate()
+
+
 def test_the_review_threshold_is_the_models_unless_overridden(tiny_artifact, tmp_path):
     import json
     import shutil

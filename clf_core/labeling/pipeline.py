@@ -179,8 +179,14 @@ def execute(settings: LabelSettings, pl: Plan, table: LabeledTable, model_versio
 
 def configure_ray_data(settings: LabelSettings) -> None:
     import ray
+    from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
+    # The shuffles move distinct texts, not rows: megabytes. Sort shuffle runs them as plain tasks;
+    # Ray's default (hash, with aggregator actors) spent ~5 s per shuffle starting its actors,
+    # twice per run (measured on 2 CPUs: groupby of 30 texts 4.8 s -> 0.2 s, cache join 5.5 -> 1.4 s).
+    ctx.shuffle_strategy = (ShuffleStrategy.SORT_SHUFFLE_PULL_BASED if settings.shuffle == "sort"
+                            else ShuffleStrategy.SHUFFLE_V2)
     quiet_libraries()  # again: importing ray.data set its logger back to INFO
     ctx.enable_progress_bars = False      # our own progress lines instead
     ctx.wait_for_min_actors_s = settings.actor_start_timeout_s  # 7B actors may take minutes to load

@@ -89,8 +89,13 @@ def test_prequantize_refuses_a_used_directory_and_a_prequantized_source(tiny_art
     cfg = open_artifact(tiny_artifact).config()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("x")
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="used is not empty and holds no nf4 copy of"):
         prequantize(cfg, cfg.model.backbone, tmp_path / "used")
+    # the same command again (the README pasted twice) keeps the copy it made: same answer, no rewrite
+    directory, meta, _ = prequantized
+    written = (directory / "model.safetensors").stat().st_mtime_ns
+    assert prequantize(cfg, cfg.model.backbone, directory) == meta
+    assert (directory / "model.safetensors").stat().st_mtime_ns == written
     assert (prequantized[0] / PREQUANTIZED_META).is_file()
     with pytest.raises(ConfigError, match="already pre-quantized"):
         prequantize(cfg, str(prequantized[0]), tmp_path / "again")

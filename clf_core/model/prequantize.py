@@ -60,12 +60,19 @@ def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, devic
     if cfg.model.quantization == "none":
         raise ConfigError("model.quantization = 'none': there is nothing to pre-quantize. Use 'nf4'.")
     root = Path(directory)
-    if root.exists() and any(root.iterdir()):
-        raise ConfigError(f"{root} is not empty; pre-quantized weights are written into a new directory")
     local = resolve_backbone(source)
     if (Path(local) / PREQUANTIZED_META).is_file():
         raise ConfigError(f"{source} is already pre-quantized; give the original weights")
     hw = resolve_hardware(cfg.model, device)
+    if root.exists() and any(root.iterdir()):
+        # a re-run (the README's command pasted twice) finds its own copy: kept, not redone
+        made = earlier_copy(root, cfg, local, hw.device.type)
+        if made is None:
+            raise ConfigError(f"{root} is not empty and holds no {cfg.model.quantization} copy of {source} made "
+                              f"with these settings; give a new directory for the pre-quantized weights")
+        log.info("%s already holds the %s weights of %s (content sha256 %s); kept", root, cfg.model.quantization,
+                 source, made["sha256"][:12])
+        return made
     base = AutoModel.from_pretrained(local, quantization_config=quantization_config(cfg.model, hw),
                                      dtype=hw.compute_dtype, device_map={"": hw.device}, use_safetensors=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -82,6 +89,20 @@ def prequantize(cfg: ClassifierConfig, source: str, directory: str | Path, devic
     own = backbone_fingerprint(str(root))["sha256"]  # after prequantized.json: it is part of the copy
     log.info("saved nf4 weights of %s to %s (content sha256 %s)", source, root, own[:12])
     return {**meta, "sha256": own}
+
+
+def earlier_copy(root: Path, cfg: ClassifierConfig, local: str, device_type: str) -> dict | None:
+    """What `prequantize` returned when it made `root` from the backbone at `local` with these
+    settings, or None when `root` holds anything else (the hashes are checked again on approval
+    and on every load; this only decides whether to quantize)."""
+    try:
+        meta = json.loads((root / PREQUANTIZED_META).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = {"method": cfg.model.quantization, "double_quant": cfg.model.double_quant, "quantized_on": device_type}
+    if meta.get("quantization") != wanted or meta.get("source", {}).get("sha256") != backbone_fingerprint(local)["sha256"]:
+        return None
+    return {**meta, "sha256": backbone_fingerprint(str(root))["sha256"]}
 
 
 def approve(artifact: str, copy: str | Path) -> str:

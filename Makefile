@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.demo
 
+# Two pytest workers (pytest-xdist): most tests wait on Ray, S3 or a subprocess for part of their
+# time, so two share 2 cores well (21m51s -> see README "Tests"). Tests sharing an expensive
+# module fixture carry an xdist_group mark and run on one worker; PYTEST_ARGS="-n 0" runs serially.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -167,3 +167,15 @@ def tiny_artifact(tmp_path_factory, tiny_backbone) -> str:
 def second_artifact(tmp_path_factory, tiny_backbone) -> str:
     """Another model version (fewer steps, other weights): what a backfill relabels with."""
     return train_tiny_artifact(tmp_path_factory.mktemp("scoring-artifact-2") / "model", tiny_backbone, steps=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first, so two pytest-xdist workers end together (longest-processing-time order):
+    the demo and the tests sharing an outage fixture (xdist groups) and the slow training test,
+    then the integration tests, then the unit tests, each in file order (a stable sort)."""
+    def weight(item) -> int:
+        if item.get_closest_marker("xdist_group") or item.get_closest_marker("slow"):
+            return 0
+        return 1 if item.get_closest_marker("integration") else 2
+
+    items.sort(key=weight)

@@ -24,10 +24,11 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.demo
 
 # Two pytest workers (pytest-xdist): most tests wait on Ray, S3 or a subprocess for part of their
-# time, so two share 2 cores well (21m51s -> see README "Tests"). Tests sharing an expensive
-# module fixture carry an xdist_group mark and run on one worker; PYTEST_ARGS="-n 0" runs serially.
+# time, so two share 2 cores (README "Tests" has the times). --dist loadfile keeps a file's tests on
+# one worker, so a module fixture (the demo run, the S3 outage) runs once; PYTEST_ARGS="-n 0" runs
+# the suite in one process.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -14,9 +14,6 @@ import pytest
 
 from jobs.support.sample_ledgers import BAD_TEXTS, ledger_partition
 
-# one demo run (the module fixture) for every test here, on one pytest-xdist worker
-pytestmark = pytest.mark.xdist_group("demo")
-
 REPO = Path(__file__).resolve().parents[1]
 
 

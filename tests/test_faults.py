@@ -332,7 +332,6 @@ def outage(ray_cluster, local_s3, iceberg_catalog, ledgers, tiny_artifact) -> di
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("outage")  # one run of the module's outage fixture
 def test_label_job_when_every_write_fails_commits_nothing_then_reruns_exactly_once(outage, ledgers, iceberg_catalog):
     failed, report = outage["failed"], outage["failed"].stdout + outage["failed"].stderr
     assert failed.returncode == 1, report[-4000:]
@@ -354,7 +353,6 @@ def test_label_job_when_every_write_fails_commits_nothing_then_reruns_exactly_on
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("outage")  # one run of the module's outage fixture
 def test_label_job_through_20pct_slowdowns_matches_a_fault_free_run(ray_cluster, ledgers, outage, tiny_artifact, proxy,
                                                                    iceberg_catalog):
     src, inputs = ledgers
@@ -627,7 +625,6 @@ def test_the_leak_scan_can_fail():
 
 
 @pytest.mark.integration
-@pytest.mark.xdist_group("outage")  # one run of the module's outage fixture
 def test_no_output_log_or_ray_file_holds_the_aws_secret(ray_cluster, local_s3, iceberg_catalog, outage, tiny_backbone):
     """Two jobs.label runs (one failing on S3 errors, one completing) and a jobs.train run, all
     holding the session's fake AWS keys like a node's credentials: the secret is in no captured

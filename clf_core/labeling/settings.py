@@ -63,10 +63,6 @@ class LabelSettings:
                                  at_least=1, hint="e.g. 1024", default=1024)
     shuffle_partitions: int = setting("Partitions of the run-wide distinct-text shuffle: a few per node; more for "
                                       "tens of millions of distinct texts.", at_least=1, default=16)
-    shuffle: str = setting("Ray Data shuffle strategy for the run's distinct texts: sort (the dedupe as plain "
-                           "tasks, the cache join as Ray's hash-join operator; 0.2 s and 1.4 s on a small run) or "
-                           "hash (Ray's default shuffle v2 for both: ~5 s each to start its actors, built for "
-                           "shuffles of hundreds of GB).", default="sort", choices=("sort", "hash"))
     max_text_chars: int = setting("Texts longer than this are not scored; the row's error says why.",
                                   at_least=1, default=2000)
     cache_max_files: int = setting("After the run, rewrite the model version's label cache into few large files "
@@ -77,6 +73,10 @@ class LabelSettings:
                                  "entries per 256 MB).", at_least=1, default=256)
     actor_start_timeout_s: float = setting("Seconds to wait for the first actors to load the model "
                                            "(-1 = no limit: 7B weights can take minutes).", default=-1)
+    shuffle: str = setting("Ray Data shuffle strategy of the distinct texts: sort (0.2 s per dedupe on a small "
+                           "run; the cache join stays a hash join) or hash (Ray's default: ~5 s per shuffle to "
+                           "start its actors; for shuffles of hundreds of GB).",
+                           default="sort", choices=("sort", "hash"))
     review_threshold: float = setting("Rows scored below this confidence, and rows that could not be scored, "
                                       "get needs_review=true (the review queue: a query on the table), with "
                                       "review_reason low_confidence. -1: the threshold the model was published with "

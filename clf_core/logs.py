@@ -58,6 +58,11 @@ KNOWN_NOTICES = [
     ("ray", re.compile(r"Token authentication is enabled for this Ray cluster")),
     # We turn Ray Data's progress bars off ourselves: our progress lines replace them.
     ("ray.data", re.compile(r"Progress bars disabled")),
+    # Ray Train's controller (a worker process) renews its autoscaling request every few seconds;
+    # on a busy machine one times out, and it logs a warning with the whole traceback that it says
+    # is safe to ignore (seen twice in a `make demo` sharing 2 cores with a benchmark).
+    (TRAIN_AUTOSCALING_LOGGER := "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+     re.compile(r"Failed to send resource request .*safe to ignore")),
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -174,6 +179,14 @@ def quiet_libraries() -> None:
 class _NoticeFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not is_known_notice(record)
+
+
+def quiet_ray_worker() -> None:
+    """Ray's worker_process_setup_hook for our jobs (clf_core.runtime.ensure_ray): known notices
+    that worker processes log themselves (Ray Train's controller) are dropped where they are made,
+    unless verbose. Logging only: a Ray Data read task pays nothing for it."""
+    if not is_verbose():
+        logging.getLogger(TRAIN_AUTOSCALING_LOGGER).addFilter(_NoticeFilter())
 
 
 def _drop_notices_at(logger: logging.Logger) -> None:

@@ -41,7 +41,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Ray's Python loggers go through ours (the console's filter, the log file) instead of a
     # handler of their own: configure_logging=False removes Ray's, propagate sends them to ours.
     logging.getLogger("ray").propagate = True
-    options = dict(runtime_env={"env_vars": env}, configure_logging=False)
+    options = dict(runtime_env={"env_vars": env, "worker_process_setup_hook": "clf_core.logs.quiet_ray_worker"},
+                   configure_logging=False)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**options)
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])

@@ -229,7 +229,22 @@ class Restartable:
 def fails():
     raise ValueError("a real task failure")
 
+@ray.remote(num_cpus=0)
+def renews_a_resource_request():
+    # what Ray Train's controller logs when one renewal times out on a busy machine, and a
+    # warning of the same logger that is not that notice
+    import logging
+    from clf_core.logs import TRAIN_AUTOSCALING_LOGGER
+    logger = logging.getLogger(TRAIN_AUTOSCALING_LOGGER)
+    try:
+        raise TimeoutError("Get timed out: some object(s) not ready.")
+    except TimeoutError:
+        logger.warning("Failed to send resource request for train-1. If this only happens transiently during "
+                       "network partition or CPU being overloaded, it's safe to ignore this error.", exc_info=True)
+    logger.warning("another warning of that logger")
+
 print(ray.get(Restartable.remote(ray.put({"big": "config"})).ping.remote()))
+ray.get(renews_a_resource_request.remote())
 try:
     ray.get(fails.remote())
 except ray.exceptions.RayTaskError as exc:
@@ -248,3 +263,7 @@ def test_a_quiet_driver_prints_no_actor_restart_notice_and_still_every_failure(t
     assert "pong" in done.stdout and "ValueError: a real task failure" in done.stdout
     assert "started a local Ray cluster" in done.stderr
     assert "core_worker.cc" not in done.stderr and not ANSI.search(done.stderr), done.stderr
+    # the controller's notice is dropped in the worker that makes it, traceback and all
+    everything = done.stdout + done.stderr
+    assert "Failed to send resource request" not in everything and "TimeoutError" not in everything, everything
+    assert "another warning of that logger" in everything

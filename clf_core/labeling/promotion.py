@@ -246,6 +246,24 @@ class Shadow:
     changed_rows: int = 0
     pairs: Counter = field(default_factory=Counter)         # (champion label, candidate label) -> rows
     texts: Counter = field(default_factory=Counter)         # changed text -> rows
+    labeled: Counter = field(default_factory=Counter)       # (text, label in the table) -> model-labeled rows
+
+    @property
+    def distinct_texts(self) -> list[str]:
+        return sorted({text for text, _ in self.labeled})
+
+    def compare(self, new: dict, old: dict | None) -> "Shadow":
+        """The candidate's labels (`new`) against the champion's for the same texts (`old`, from the
+        label cache: the nights it labeled put them there) or, on a first promotion, the table's."""
+        for (text, label), n in self.labeled.items():
+            before = old[text][0] if old and text in old else label
+            after = new.get(text, (before,))[0]
+            self.rows += n
+            if after != before:
+                self.changed_rows += n
+                self.pairs[(before, after)] += n
+                self.texts[text] += n
+        return self
 
     def lines(self, samples: int) -> list[str]:
         if not self.partitions:
@@ -261,10 +279,9 @@ class Shadow:
         return lines
 
 
-def shadow(settings: PromoteSettings, candidate_uri: str, champion_uri: str | None, cache: str) -> Shadow:
-    """Score the distinct texts of the last --shadow-nights labeled partitions with the candidate;
-    compare with the champion's labels for them (from the label cache: the nights it labeled put
-    them there) or, on a first promotion, with the labels in the table."""
+def shadow_rows(settings: PromoteSettings) -> Shadow:
+    """The model-labeled rows of the last --shadow-nights labeled partitions, counted by (text,
+    label in the table), for `Shadow.compare` once the candidate has scored their texts."""
     from pyiceberg.expressions import In
 
     from clf_core.labeling.table import LabeledTable
@@ -279,7 +296,6 @@ def shadow(settings: PromoteSettings, candidate_uri: str, champion_uri: str | No
     values = [p.split("=", 1)[1] for p in partitions]
     literals = {date.fromisoformat(v) for v in values} if labeled.key_is_date else set(values)
     text_column = settings.table_text_column
-    counts: Counter = Counter()   # (text, table label) -> model-labeled rows
     scan = labeled.table.scan(row_filter=In(labeled.partition_key, literals),
                               selected_fields=(text_column, "label", "label_source"))
     for batch in scan.to_arrow_batch_reader():
@@ -288,18 +304,7 @@ def shadow(settings: PromoteSettings, candidate_uri: str, champion_uri: str | No
             if source == "review":
                 result.reviewed_rows += 1
             elif text is not None and label is not None:
-                counts[(text, label)] += 1
-    texts = sorted({t for t, _ in counts})
-    new = score_texts(texts, candidate_uri, settings, cache)
-    old = score_texts(texts, champion_uri, settings, cache) if champion_uri else None
-    for (text, label), n in counts.items():
-        before = old[text][0] if old and text in old else label
-        after = new.get(text, (before,))[0]
-        result.rows += n
-        if after != before:
-            result.changed_rows += n
-            result.pairs[(before, after)] += n
-            result.texts[text] += n
+                result.labeled[(text, label)] += 1
     return result
 
 
@@ -352,7 +357,10 @@ def promote(settings: PromoteSettings) -> tuple[int, str]:
     if not any(texts for _, texts, _ in sets):
         raise DataError("nothing to compare the models on: --eval-data holds no row and no reviewed row is new to "
                         "both models")
-    everything = [t for _, texts, _ in sets for t in texts]
+    traffic = shadow_rows(settings) if settings.output_table and settings.shadow_nights else None
+    # One scoring pass per model over every text the gate and the shadow need: each pass starts
+    # scorer actors that load the model, minutes for a 4-bit 7B on a T4.
+    everything = [t for _, texts, _ in sets for t in texts] + (traffic.distinct_texts if traffic else [])
     new = score_texts(everything, candidate_uri, settings, cache)
     old = score_texts(everything, registry.version_uri(settings.registry, settings.name, state["version"]),
                       settings, cache) if champion else None
@@ -362,9 +370,8 @@ def promote(settings: PromoteSettings) -> tuple[int, str]:
              f"macro-F1)"]
     for comparison in comparisons:
         lines += comparison.lines(settings.samples)
-    if settings.output_table and settings.shadow_nights:
-        champion_uri = registry.version_uri(settings.registry, settings.name, state["version"]) if champion else None
-        lines += shadow(settings, candidate_uri, champion_uri, cache).lines(settings.samples)
+    if traffic:
+        lines += traffic.compare(new, old).lines(settings.samples)
     result = verdict(comparisons, settings.max_drop)
     if not result.passed and not settings.accept_worse:
         lines.append(f"REFUSED: {result.why}. The alias still points at {champion.model_version}; --accept-worse "

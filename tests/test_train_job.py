@@ -125,7 +125,7 @@ def test_answers_join_the_training_data_one_split_per_text(iceberg_catalog, tabl
     """Without Ray: an answer overrides the file's label for its text, a new answered text is
     added, a text whose scoped answers disagree is left out, and every text lands in one split."""
     from clf_core.model.config import ClassifierConfig
-    from clf_core.training.data import ANSWERED
+    from clf_core.training.data import ANSWERED, stratified_split
     from clf_core.training.job import TrainJobSettings, load_split
 
     rows = ledger_rows(200, seed=3)
@@ -154,6 +154,12 @@ def test_answers_join_the_training_data_one_split_per_text(iceberg_catalog, tabl
     assert (contribution["snapshot_id"], contribution["overrides"], contribution["added"],
             contribution["skipped_scoped"]) == (snapshot, 1, 1, 1)
     assert contribution["held_out"] == sorted(set(split.test.loc[split.test[ANSWERED], "texts"]))
+    # the file's texts are split as without answers: v1 and v2 differ by the answers, not the draw
+    cfg = ClassifierConfig.load(overrides={"data.text_column": "texts"})
+    plain = stratified_split(rows.drop_duplicates("texts"), "label", cfg.train.split, cfg.train.split_seed)
+    assert [set(p["texts"]) for p in (plain.train, plain.validation, plain.test)] == [
+        seen[0] - {"Plus: A brand new account"}, seen[1], seen[2]]
+    assert "Plus: A brand new account" in seen[0]        # a new answered text is learned from
 
 
 @pytest.mark.integration

@@ -1,6 +1,7 @@
 """Training data: labeled rows split three ways, the texts and label indices a training loop
 iterates, and reviewers' answers merged in (jobs.train --corrections): an answer overrides the
-file's label for its text, answered texts the file lacks are added, a text is in one split only.
+file's label for its text, answered texts the file lacks are added to training, a text is in one
+split only.
 Reading labeled files and tokenizing are the model's (clf_core.model.labels, .batching).
 """
 
@@ -17,6 +18,8 @@ from clf_core.model.batching import TokenStats
 from clf_core.model.labels import LabelMap
 
 log = logging.getLogger(__name__)
+
+ANSWERED = "_answered"   # a split's column: the row's label is a reviewer's answer
 
 
 @dataclass
@@ -82,9 +85,6 @@ class LabeledTexts(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, int]:
         return self.texts[i], self.label_ids[i]
-
-
-ANSWERED = "_answered"   # a split's column: the row's label is a reviewer's answer
 
 
 def add_answers(table, text_column: str, label_column: str, labels: list[str], catalog: str, identifier: str):

@@ -9,11 +9,12 @@ call `run` and `train_worker` with the same typed objects.
     -> rank 0: best weights -> calibrate on validation -> evaluate held-out -> publish artifact
        (to --output, or into --registry under --name/<model_version>/)
 
-With --corrections, the answers of a corrections table (clf_core.review.corrections) join the data: an
-answer overrides the file's label for the same text, an answered text the file lacks is added,
-and a text is in one split only. The snapshot used, the counts and the answered texts held out
-for the test split go into the manifest (`training.corrections`): the promotion gate compares
-models on the answers neither was trained on.
+With --corrections, the answers of a corrections table (clf_core.review.corrections) join the
+data after the file's texts are split: an answer overrides the file's label for the same text (in
+whichever split the text is), an answered text the file lacks is added to training, and a text is
+in one split only. The snapshot used, the counts and the answered texts held out for the test
+split go into the manifest (`training.corrections`): the promotion gate compares models on the
+answers neither was trained on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 from clf_core import storage
 from clf_core.model.config import ClassifierConfig
 from clf_core.model.labels import LabelMap, read_table
-from clf_core.training.data import ANSWERED, Split, add_answers, answers_into_splits, stratified_split
+from clf_core.training.data import ANSWERED, Split, answers_into_splits, stratified_split
 from clf_core.errors import ClfError, ConfigError, DataError
 from clf_core.logs import setup_logging
 from clf_core.model.registry import version_uri
@@ -164,9 +165,16 @@ def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split
             table = table.groupby(d.label_column, group_keys=False).sample(
                 frac=settings.limit_rows / len(table), random_state=0)
         if settings.corrections:
-            table, contribution = add_answers(table, d.text_column, d.label_column, d.labels, settings.catalog,
-                                              settings.corrections)
+            # The file's texts are split as they would be without answers (one split per text),
+            # then the answers land where their text is: the model trained without them and the
+            # one trained with them differ by the answers alone, not by another draw of the split.
+            table = table.drop_duplicates(subset=[d.text_column], keep="first")
         split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
+        if settings.corrections:
+            parts, contribution = answers_into_splits(
+                {"train": split.train, "validation": split.validation, "test": split.test}, d, settings.catalog,
+                settings.corrections)
+            split = Split(parts["train"], parts["validation"], parts["test"])
     else:
         parts = {}
         for name, uri in (("train", settings.train_data), ("validation", settings.validation_data),

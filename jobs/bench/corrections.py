@@ -3,8 +3,8 @@ opt-in, ~10 min a seed: two trainings of the default model).
 
 Per seed, the review loop first (jobs/bench/review.py: model v1 trained on the other charts, the
 held-out charts labeled, the budget's rows and the audit sample answered from the true labels,
-imported). Then model v2 is trained on the same charts plus those answers (clf_core.training.job's
-add_answers: the same merge as jobs.train --corrections), and both models label the held-out rows
+imported). Then model v2 is trained on the same charts and split plus those answers (clf_core.training.data's
+answers_into_splits: the same merge as jobs.train --corrections), and both models label the held-out rows
 nobody reviewed:
 
 - family rows: unreviewed rows of the same family as a corrected text (the same parent section in
@@ -48,11 +48,7 @@ def family_keys(full_path: str, name: str) -> set[str]:
 
 def retrain_with_answers(loop: Loop) -> str:
     """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
-    from clf_core.training.data import add_answers
-
-    rows, _ = add_answers(loop.train[["full_path", "label"]], "full_path", "label", ["Expense", "Income"],
-                          catalog_for(loop.work), loop.corrections)
-    return train_default(rows, loop.seed, loop.work / "model-v2")
+    return train_default(loop.train, loop.seed, loop.work / "model-v2", answers=(catalog_for(loop.work), loop.corrections))
 
 
 def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
@@ -89,27 +85,32 @@ def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
     v2 = retrain_with_answers(loop)
     table = labeled(loop)                                    # v1's labels, the answers applied
     names = pd.read_csv(sample_data_path("coa_income_expense")).set_index("full_path")["text"].to_dict()
-    corrected = answered_texts(loop)
+    corrected = answered_texts(loop)                         # text -> the reviewers' answer
     families = set().union(*(family_keys(t, names.get(t, t)) for t in corrected)) if corrected else set()
     unreviewed = table[table["label_source"] != "review"].copy()   # no answer for their text
     unreviewed["family"] = [bool(family_keys(t, names.get(t, t)) & families) for t in unreviewed["texts"]]
-    v2_labels = Predictor.load(v2).predict(unreviewed["texts"].tolist()).labels
+    predictor = Predictor.load(v2)
+    v2_labels = predictor.predict(unreviewed["texts"].tolist()).labels
     unreviewed["v1_wrong"] = unreviewed["label"] != unreviewed["true_label"]
     unreviewed["v2_wrong"] = pd.Series(v2_labels, index=unreviewed.index) != unreviewed["true_label"]
     fam, other = unreviewed[unreviewed["family"]], unreviewed[~unreviewed["family"]]
+    # whether v2 learned the answers themselves (they are in its training split), beside what it
+    # does with their families: a model that has not learned them cannot carry them over
+    learned = sum(label == corrected[text] for text, label in
+                  zip(sorted(corrected), predictor.predict(sorted(corrected)).labels)) if corrected else 0
     return {"seed": seed, "review": loop.figures, "corrected_texts": len(corrected), "family_rows": len(fam),
-            "other_rows": len(other),
+            "other_rows": len(other), "corrections_learned": learned,
             "family_errors_v1": int(fam["v1_wrong"].sum()), "family_errors_v2": int(fam["v2_wrong"].sum()),
             "other_errors_v1": int(other["v1_wrong"].sum()), "other_errors_v2": int(other["v2_wrong"].sum()),
             "gate": gate_verdict(loop, v2, unreviewed[["texts", "true_label"]])}
 
 
-def answered_texts(loop: Loop) -> set[str]:
-    """The texts reviewers corrected (answers that differ from the model's label)."""
+def answered_texts(loop: Loop) -> dict[str, str]:
+    """The texts reviewers corrected (answers that differ from the model's label), with the answer."""
     from clf_core.review.corrections import CorrectionsTable, latest_per_key
 
     rows = latest_per_key(CorrectionsTable(catalog_for(loop.work), loop.corrections).rows()).to_pylist()
-    return {r["text"] for r in rows if r["corrected_label"] != r["label"]}
+    return {r["text"]: r["corrected_label"] for r in rows if r["corrected_label"] != r["label"]}
 
 
 def bench_corrections(settings: BenchSettings, work: Path) -> dict:
@@ -138,7 +139,8 @@ def report(results: dict) -> list[str]:
     r = results
     lines = [f"-- retraining with the reviewers' answers: default model, charts it never saw; {len(r['runs'])} seed(s)"]
     for run in r["runs"]:
-        lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected | family rows {run['family_rows']}: "
+        lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected, {run['corrections_learned']} of them "
+                     f"labeled as answered by v2 | family rows {run['family_rows']}: "
                      f"errors {run['family_errors_v1']} -> {run['family_errors_v2']} | other rows {run['other_rows']}: "
                      f"errors {run['other_errors_v1']} -> {run['other_errors_v2']} | gate: {run['gate']}")
     for name, part in (("family", r["family"]), ("other", r["other"])):

@@ -83,15 +83,20 @@ def catalog_for(work: Path) -> str:
     return CATALOG
 
 
-def train_default(rows, seed: int, directory: Path, corrections=None) -> str:
+def train_default(rows, seed: int, directory: Path, answers: tuple[str, str] | None = None) -> str:
     """The default model (MiniLM, `full_path`) trained in this process on `rows` (85/15 train /
-    validation, stratified by the split seed). Returns the artifact's path."""
+    validation, stratified by the split seed); with `answers` (catalog, corrections table), the
+    same split with the reviewers' answers merged in as jobs.train --corrections does. Returns the
+    artifact's path."""
     from clf_core.model.config import ClassifierConfig
-    from clf_core.training.data import stratified_split
+    from clf_core.training.data import Split, answers_into_splits, stratified_split
     from clf_core.training.recipe import train_classifier
 
     cfg = ClassifierConfig.load(overrides={"data.text_column": "full_path", "train.split_seed": seed})
     split = stratified_split(rows[["full_path", "label"]], "label", [0.85, 0.15, 0.0], seed)
+    if answers:
+        parts, _ = answers_into_splits({"train": split.train, "validation": split.validation}, cfg.data, *answers)
+        split = Split(parts["train"], parts["validation"], parts["validation"].iloc[0:0])
     train_classifier(cfg, split).save(directory)
     return str(directory)
 

@@ -9,6 +9,13 @@ import random
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist each worker gets its share of the cores for its own torch work (training in
+# the test process, and the job processes it starts inherit it): torch's default of one thread
+# per core in every worker oversubscribes the machine, and its waiting threads spin on the cores
+# the other worker needs.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pandas as pd
 import pytest
@@ -169,10 +176,11 @@ def second_artifact(tmp_path_factory, tiny_backbone) -> str:
     return train_tiny_artifact(tmp_path_factory.mktemp("scoring-artifact-2") / "model", tiny_backbone, steps=4)
 
 
-# The longest files, longest first (seconds of one serial run, 2026-12-04): with --dist loadfile the
-# two workers take whole files in this order, so the longest start first and both end together.
-LONGEST_FILES = ("test_label.py", "test_demo.py", "test_faults.py", "test_train_job.py", "test_rollout.py",
-                 "test_bench.py", "test_review.py", "test_minilm.py")   # 300, 250, 240, 200, 150, 140, 120, 110
+# The longest files, longest first (seconds of their tests with two workers, 2026-12-05): with
+# --dist loadfile the two workers take whole files in this order, so the longest start first and
+# both end together.
+LONGEST_FILES = ("test_label.py", "test_demo.py", "test_faults.py", "test_train_job.py", "test_minilm.py",
+                 "test_rollout.py", "test_review.py", "test_bench.py")   # 460, 370, 220, 210, 170, 120, 120, 90
 
 
 def pytest_collection_modifyitems(config, items):

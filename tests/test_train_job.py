@@ -285,8 +285,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, t
     """SIGKILL a Ray Train worker after the first checkpoint: the run restarts the worker group,
     resumes after epoch 1 (not from scratch) and publishes a model trained for all epochs, whose
     held-out metrics are within 0.5 points of the same run left alone."""
-    data = write_csv(tmp_path, ledger_rows(1200, seed=6))
-    job_flags = ["--base-model", tiny_backbone, "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "4",
+    data = write_csv(tmp_path, ledger_rows(800, seed=6))
+    job_flags = ["--base-model", tiny_backbone, "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "3",
                  "--set", "train.early_stopping_patience=0", *TINY_FLAGS]
     # The same run, uninterrupted (on the session's cluster, before the killed run starts its own).
     assert train_job.main(["--data", data, "--output", str(tmp_path / "clean"), *job_flags]) == 0
@@ -320,7 +320,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, t
     manifest = json.loads((output / "manifest.json").read_text())
     resumed = manifest["metrics"]["resumed_from_epoch"]
     assert resumed is not None and resumed >= 1, "the run started over instead of resuming"
-    assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1, 2]
     assert "resumed from checkpoint after epoch" in log_path.read_text()
     resumed_test = manifest["metrics"]["test"]
     for name in ("accuracy", "macro_f1"):

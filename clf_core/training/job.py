@@ -52,8 +52,9 @@ class TrainJobSettings:
                         hint="use letters, digits, '.', '_' or '-', e.g. income-expense", default="")
     catalog: str = setting("The pyiceberg catalog of --corrections.", default="")
     corrections: str = setting("Also learn from reviewers' answers in this corrections table (python -m jobs.review "
-                               "import): an answer overrides the file's label for the same text, and answered texts "
-                               "the file lacks are added. Scoped answers join only where every scope agrees.",
+                               "import): the file's texts are split first, then an answer overrides the file's label for "
+                               "the same text, and answered texts the file lacks are added to training. Scoped answers "
+                               "join only where every scope agrees.",
                                default="")
     data: str = setting("Labeled CSV/Parquet (local or s3://), split stratified into train/validation/test.",
                         default="")

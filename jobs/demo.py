@@ -1,4 +1,4 @@
-"""The whole system on one laptop: train -> promote -> nightly labeling into an Iceberg table -> a night from the cache -> reviewers' answers applied -> a better model rolled out.
+"""The whole system on one laptop: train -> promote -> nightly labeling into an Iceberg table -> a night from the cache -> reviewers' answers applied -> a model retrained with the answers, gated and rolled out.
 
 Run as (after `make setup`; `make demo` does both):
 

@@ -165,17 +165,16 @@ def load_split(settings: TrainJobSettings, cfg: ClassifierConfig) -> tuple[Split
         if settings.limit_rows and settings.limit_rows < len(table):
             table = table.groupby(d.label_column, group_keys=False).sample(
                 frac=settings.limit_rows / len(table), random_state=0)
-        if settings.corrections:
+        if not settings.corrections:
+            split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
+        else:
             # The file's texts are split as they would be without answers (one split per text),
             # then the answers land where their text is: the model trained without them and the
             # one trained with them differ by the answers alone, not by another draw of the split.
             table = table.drop_duplicates(subset=[d.text_column], keep="first")
-        split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
-        if settings.corrections:
-            parts, contribution = answers_into_splits(
-                {"train": split.train, "validation": split.validation, "test": split.test}, d, settings.catalog,
-                settings.corrections)
-            split = Split(parts["train"], parts["validation"], parts["test"])
+            split = stratified_split(table, d.label_column, cfg.train.split, cfg.train.split_seed)
+            parts, contribution = answers_into_splits(vars(split), d, settings.catalog, settings.corrections)
+            split = Split(**parts)
     else:
         parts = {}
         for name, uri in (("train", settings.train_data), ("validation", settings.validation_data),

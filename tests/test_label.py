@@ -546,43 +546,6 @@ def test_backfill_time_travel_rollback_and_expiry(ray_cluster, s3_bucket, iceber
 
 
 @pytest.mark.integration
-def test_every_reader_sees_each_row_once(ray_cluster, s3_bucket, iceberg_catalog, table_name, tiny_artifact):
-    """pyiceberg to Arrow and pandas, Ray Data's read_iceberg, DuckDB and polars over the Arrow
-    scan: rows in == rows out, each once; a date filter reads only that partition's files."""
-    import duckdb
-    import polars as pl
-    import ray
-
-    from clf_core.catalog import catalog_config
-
-    src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
-    days = {day: ledger_day(30, i) for i, day in enumerate(DAYS)}
-    for day, df in days.items():
-        write_partition(src, day, df)
-    assert label.main(job_args(tiny_artifact, src, iceberg_catalog, table_name, cache)) == 0
-    ids = sorted(pd.concat(days.values())["row_id"])
-
-    table = open_table(iceberg_catalog, table_name).table
-    arrow = table.scan().to_arrow()
-    assert sorted(arrow["row_id"].to_pylist()) == ids
-    assert sorted(table.scan().to_pandas()["row_id"]) == ids
-    via_ray = ray.data.read_iceberg(table_identifier=table_name,
-                                    catalog_kwargs={"name": iceberg_catalog, **catalog_config(iceberg_catalog)})
-    assert sorted(via_ray.to_pandas()["row_id"]) == ids
-    per_day = duckdb.sql("SELECT CAST(dt AS VARCHAR) AS dt, count(*) AS n, count(DISTINCT row_id) AS ids "
-                         "FROM arrow GROUP BY dt ORDER BY dt").fetchall()
-    assert per_day == [(day, 30, 30) for day in DAYS]
-    frame = pl.from_arrow(arrow)
-    assert frame["row_id"].n_unique() == frame.height == len(ids)
-    review = duckdb.sql("SELECT count(*) FROM arrow WHERE needs_review").fetchall()[0][0]
-    threshold = open_artifact(tiny_artifact).manifest["review"]["threshold"]  # the model's own
-    assert review == frame.filter(pl.col("confidence") < threshold).height
-    # partition pruning: a filter on dt plans only that day's files
-    one_day = list(table.scan(row_filter=f"dt = '{DAYS[1]}'").plan_files())
-    assert one_day and all(f"dt={DAYS[1]}" in task.file.file_path for task in one_day)
-
-
-@pytest.mark.integration
 def test_bad_rows_are_kept_and_a_corrupt_file_fails_only_its_partition(ray_cluster, s3_bucket, iceberg_catalog,
                                                                        table_name, tiny_artifact, capsys):
     src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
@@ -709,6 +672,38 @@ def test_a_crash_during_the_write_leaves_nothing_partial_and_a_rerun_completes(r
     assert_exactly_once(iceberg_catalog, table_name, inputs)
 
 
+def assert_every_reader_sees_each_row_once(catalog: str, identifier: str, rows_per_day: dict[str, int],
+                                           model: str) -> None:
+    """pyiceberg to Arrow and pandas, Ray Data's read_iceberg, DuckDB and polars over the Arrow
+    scan: rows in == rows out, each once; a date filter reads only that partition's files."""
+    import duckdb
+    import polars as pl
+    import ray
+
+    from clf_core.catalog import catalog_config
+
+    table = open_table(catalog, identifier).table
+    arrow = table.scan().to_arrow()
+    ids = sorted(arrow["row_id"].to_pylist())
+    assert len(ids) == len(set(ids)) == sum(rows_per_day.values())
+    assert sorted(table.scan().to_pandas()["row_id"]) == ids
+    via_ray = ray.data.read_iceberg(table_identifier=identifier,
+                                    catalog_kwargs={"name": catalog, **catalog_config(catalog)})
+    assert sorted(via_ray.to_pandas()["row_id"]) == ids
+    per_day = duckdb.sql("SELECT CAST(dt AS VARCHAR) AS dt, count(*) AS n, count(DISTINCT row_id) AS ids "
+                         "FROM arrow GROUP BY dt ORDER BY dt").fetchall()
+    assert per_day == [(day, n, n) for day, n in sorted(rows_per_day.items())]
+    frame = pl.from_arrow(arrow)
+    assert frame["row_id"].n_unique() == frame.height == len(ids)
+    review = duckdb.sql("SELECT count(*) FROM arrow WHERE needs_review").fetchall()[0][0]
+    threshold = open_artifact(model).manifest["review"]["threshold"]  # the model's own
+    assert review == frame.filter(pl.col("confidence") < threshold).height
+    # partition pruning: a filter on dt plans only that day's files
+    day = sorted(rows_per_day)[1]
+    one_day = list(table.scan(row_filter=f"dt = '{day}'").plan_files())
+    assert one_day and all(f"dt={day}" in task.file.file_path for task in one_day)
+
+
 @pytest.mark.integration
 def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, iceberg_catalog, table_name,
                                                     tiny_artifact, second_artifact):
@@ -716,7 +711,8 @@ def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, ice
     nights. Round 1: two nightly runs (a retried cron): each partition is committed by one and
     left by the other. Round 2: a nightly run and a backfill to another model over every night:
     whichever commits first, the backfill's labels are the ones kept. After each round every row
-    is in the table once, every file a snapshot lists exists, and no data file is unlisted."""
+    is in the table once, every file a snapshot lists exists, and no data file is unlisted; at the
+    end every reader the users have sees each row once (`assert_every_reader_sees_each_row_once`)."""
     src, cache = f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
     pool = ledger_rows(40, seed=5)["texts"].unique().tolist()
     inputs = []
@@ -756,6 +752,9 @@ def test_two_label_jobs_at_once_write_every_row_once(ray_cluster, s3_bucket, ice
         # a run that left a partition deleted the files it wrote for it: no unlisted file either
         stored = {"s3://" + p for p in fs.find(table.location().split("://", 1)[1] + "/data")}
         assert live <= stored == listed, f"files no snapshot lists: {sorted(stored - listed)}"
+    # the table the two rounds left, read by each of the users' tools (one model's labels: the backfill's)
+    assert_every_reader_sees_each_row_once(iceberg_catalog, table_name, {df.dt.iloc[0]: len(df) for df in inputs},
+                                           second_artifact)
 
 
 # ---- bad input that must not stop a night (issue 16) ---------------------------------------------

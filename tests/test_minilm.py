@@ -71,12 +71,17 @@ def test_minilm_fine_tunes_on_real_income_expense_accounts(tmp_path):
     on the 1,129 real account names, each as a ledger prints it under its section (`full_path`),
     25% stratified held out (the seed's split seed 200), 65% train, 10% validation.
 
+    One setting is not the default: early stopping after 2 epochs without improvement, not 5. On
+    this split the best validation epoch is the 2nd; the default's 3 more epochs (40 s of the
+    suite's time) only confirm it, and the best epoch's weights are the model either way.
+
     The issue's target is >= 0.90, above both baselines on these splits: TF-IDF character n-grams
     + logistic regression about 0.87-0.89, frozen MiniLM embeddings + logistic regression about
     0.83. Measured with these settings on split seeds 200 / 1 / 2: 0.910 / 0.914 / 0.901.
     """
     table = read_table(sample_data_path("coa_income_expense"))
-    cfg = ClassifierConfig.load(overrides={"data.text_column": "full_path", "train.split": [0.65, 0.10, 0.25]})
+    cfg = ClassifierConfig.load(overrides={"data.text_column": "full_path", "train.split": [0.65, 0.10, 0.25],
+                                                "train.early_stopping_patience": 2})
     split = stratified_split(table, "label", cfg.train.split, cfg.train.split_seed)
     run = train_classifier(cfg, split)
     metrics = run.evaluate_table(split.test)

@@ -190,10 +190,9 @@ def test_the_gate_refuses_a_worse_model_records_an_override_and_rolls_back(ray_c
 def test_shadow_comparison_and_backfill_report_match_the_table(ray_cluster, s3_bucket, iceberg_catalog, table_name,
                                                                tmp_path, models, capsys):
     from test_label import DAYS, job_args, read_labeled, write_partition
-    from test_review import review_csv
+    from test_train_job import answers_table
 
     from jobs import backfill, label
-    from jobs import review as review_job
     from jobs import table as table_job
 
     root, src, cache = f"{s3_bucket}/registry", f"{s3_bucket}/ledgers", f"{s3_bucket}/label-cache"
@@ -204,28 +203,26 @@ def test_shadow_comparison_and_backfill_report_match_the_table(ray_cluster, s3_b
     for i, day in enumerate(DAYS[:2]):
         write_partition(src, day, pd.DataFrame({"row_id": range(i * 100, i * 100 + 40), "texts": texts * 2}))
     champion = f"{root}/{NAME}@champion"
+    # a reviewer's answer to one text, in the corrections table before the night is labeled (one
+    # label run gives the table both kinds of rows): rows with a reviewer's answer never change in a
+    # backfill. (jobs.review import, which needs a labeled table, is tested in test_review.)
+    from clf_core.model.predict import Predictor
+
+    answered = texts[0]
+    given = Predictor.load(models["good"]).predict([answered]).labels[0]
+    answers_table(iceberg_catalog, corrections, [(answered, given, flip(given), None, None)])
     assert label.main(job_args(champion, src, iceberg_catalog, table_name, cache, "--corrections", corrections)) == 0
     capsys.readouterr()
-    before = read_labeled(iceberg_catalog, table_name)
-    assert set(before.model_version) == {good}                  # @champion resolved to the good version
-    # a reviewer answers one text: rows with a reviewer's answer never change in a backfill
-    answered = texts[0]
-    given = before.loc[before.texts == answered, "label"].iloc[0]
-    path = tmp_path / "answers.csv"
-    path.write_text(review_csv([{"texts": answered, "label": given, "corrected_label": flip(given), "model_version": good}]))
-    assert review_job.main(["import", "--catalog", iceberg_catalog, "--corrections", corrections, "--output-table",
-                            table_name, "--file", str(path)]) == 0
-    assert label.main(job_args(champion, src, iceberg_catalog, table_name, cache)) == 0   # answers applied
-    capsys.readouterr()
     current = read_labeled(iceberg_catalog, table_name)
+    assert set(current.loc[current.label_source == "model", "model_version"]) == {good}  # @champion resolved
+    assert set(current.loc[current.texts == answered, "label_source"]) == {"review"}
+    assert set(current.loc[current.texts == answered, "label"]) == {flip(given)}
 
     # the shadow comparison: what the worse model would change on the last 2 nights, from the cache
     assert promote("--registry", root, "--name", NAME, "--candidate", worse, "--eval-data", eval_file(tmp_path),
                    "--text-column", "texts", "--catalog", iceberg_catalog, "--output-table", table_name,
                    "--cache", cache, "--shadow-nights", "2", "--accept-worse", "--reason", "test") == 0
     out = capsys.readouterr().out
-    from clf_core.model.predict import Predictor
-
     new = dict(zip(texts, Predictor.load(models["worse"]).predict(texts).labels))
     model_rows = current[current.label_source == "model"]
     changed = model_rows[model_rows.texts.map(new) != model_rows.label]

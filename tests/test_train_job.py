@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -214,12 +215,32 @@ def _ray_cli(*args, env, timeout=120):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.integration
-def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
-    """The same job through `ray job submit`, with a token-authenticated head on loopback."""
+def _registered_checkpoint(storage_dir: Path) -> bool:
+    """Whether Ray Train's checkpoint manager has recorded a latest checkpoint for the run."""
+    for snapshot in storage_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (json.JSONDecodeError, OSError):  # being rewritten right now
+            pass
+    return False
+
+
+def _train_worker_pids(session: int) -> list[int]:
+    """The Ray Train workers of one cluster: the processes of its head's session (the head runs in a
+    session of its own), so a worker of another test's cluster on this machine is never chosen."""
+    out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "ray::RayTrainWorker" in line and int(line.split()[1]) == session]
+
+
+@contextlib.contextmanager
+def token_head_node():
+    """`ray start --head` on loopback with token authentication (Ray's default), every port its own;
+    yields (dashboard address, environment for the `ray` CLI, the head's process)."""
     from jobs.support.local_s3 import free_port
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     # The entrypoint's `python` is found on PATH, as for a user with this venv activated.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -239,30 +260,14 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--disable-usage-stats", *own_ports], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 180
-        while _ray_cli("job", "list", "--address", f"http://127.0.0.1:{dash}", env=env).returncode != 0:
+        while _ray_cli("job", "list", "--address", address, env=env).returncode != 0:
             assert head.poll() is None, "ray start --head exited"
             assert time.monotonic() < deadline, "the head node did not answer within 3 minutes"
             time.sleep(2)
-        data = write_csv(tmp_path, ledger_rows(200, seed=2))
-        output = str(tmp_path / "model")
-        submit_deadline = time.monotonic() + 150
-        while True:
-            submitted = _ray_cli("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir",
-                                 str(REPO), "--", "python", "-m", "jobs.train", "--data", data, "--output", output,
-                                 "--base-model", tiny_backbone, "--epochs", "1", "--cpus-per-worker", "1",
-                                 *TINY_FLAGS, env=env, timeout=300)
-            # A head that answers `job list` may still be starting its job agent: Ray says so.
-            if "No available agent to submit job" not in submitted.stderr or time.monotonic() > submit_deadline:
-                break
-            time.sleep(3)
-        assert submitted.returncode == 0, submitted.stdout[-4000:]
-        # the model the job says it published is the one at --output, and it loads and scores
-        printed = re.search(r"model (v[0-9a-f]{12}) published to", submitted.stdout)
-        assert printed, submitted.stdout[-2000:]
-        published = Predictor.load(output)
-        assert published.model_version == printed.group(1) and len(published.predict(["Gas", "Rent"]).labels) == 2
+        yield address, env, head
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -272,64 +277,67 @@ def test_ray_job_submit_to_a_local_head_node(local_s3, tmp_path, tiny_backbone):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _registered_checkpoint(storage_dir: Path) -> bool:
-    """Whether Ray Train's checkpoint manager has recorded a latest checkpoint for the run."""
-    for snapshot in storage_dir.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (json.JSONDecodeError, OSError):  # being rewritten right now
-            pass
-    return False
-
-
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::RayTrainWorker" in line]
+def _ray_cli(*args, env, timeout=120):
+    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.mark.integration
-def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp_path, tiny_backbone):
-    """SIGKILL a Ray Train worker after the first checkpoint: the run restarts the worker group,
-    resumes after epoch 1 (not from scratch) and publishes a model trained for all epochs, whose
-    held-out metrics are within 0.5 points of the same run left alone."""
+def test_ray_job_submit_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(ray_cluster, local_s3, tmp_path,
+                                                                                      tiny_backbone):
+    """`ray job submit` to a token-authenticated head on loopback, two workers. SIGKILL one after
+    the first checkpoint: the run restarts the worker group, resumes after epoch 1 (not from
+    scratch) and publishes a model trained for all epochs, whose held-out metrics are within 0.5
+    points of the same run left alone. (One job for both claims: each costs a Ray cluster's start.)"""
     data = write_csv(tmp_path, ledger_rows(800, seed=6))
     job_flags = ["--base-model", tiny_backbone, "--num-workers", "2", "--cpus-per-worker", "0.5", "--epochs", "3",
                  "--set", "train.early_stopping_patience=0", *TINY_FLAGS]
-    # The same run, uninterrupted (on the session's cluster, before the killed run starts its own).
+    # The same run, uninterrupted, on the session's cluster.
     assert train_job.main(["--data", data, "--output", str(tmp_path / "clean"), *job_flags]) == 0
     clean = json.loads((tmp_path / "clean" / "manifest.json").read_text())["metrics"]["test"]
-    output = tmp_path / "model"
-    checkpoints = tmp_path / "ckpt"
-    log_path = tmp_path / "train.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    others = set(_train_worker_pids())  # workers of other clusters on this machine are not ours to kill
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.train", "--data", data, "--output", str(output), "--checkpoints", str(checkpoints),
-             "--max-failures", "2", *job_flags],
-            cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    output, checkpoints, log_path = tmp_path / "model", tmp_path / "ckpt", tmp_path / "submit.log"
+    with token_head_node() as (address, env, head), open(log_path, "w") as log_file:
+        deadline = time.monotonic() + 150
+        while True:
+            submit = subprocess.Popen(
+                [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address, "--working-dir",
+                 str(REPO), "--", "python", "-m", "jobs.train", "--data", data, "--output", str(output),
+                 "--checkpoints", str(checkpoints), "--max-failures", "2", *job_flags],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                # Kill once Ray Train has *registered* a checkpoint (its manager snapshot lists it),
+                # not merely once the files exist: an unregistered checkpoint is not resumed from.
+                while not _registered_checkpoint(checkpoints) and submit.poll() is None:
+                    assert time.monotonic() < deadline + 420, "no registered checkpoint within 7 minutes"
+                    time.sleep(0.2)
+                if submit.poll() is None:
+                    break
+            except BaseException:
+                submit.kill()
+                raise
+            # A head that answers `job list` may still be starting its job agent: Ray says so.
+            assert "No available agent to submit job" in log_path.read_text() and time.monotonic() < deadline, \
+                log_path.read_text()[-3000:]
+            time.sleep(3)
         try:
-            # Kill once Ray Train has *registered* a checkpoint (its manager snapshot lists it),
-            # not merely once the files exist: an unregistered checkpoint is not resumed from.
-            deadline = time.monotonic() + 420
-            while not _registered_checkpoint(checkpoints):
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no registered checkpoint within 7 minutes"
-                time.sleep(0.2)
-            victims = sorted(set(_train_worker_pids()) - others)
-            assert victims, "no RayTrainWorker process of this run found"
+            victims = _train_worker_pids(session=head.pid)
+            assert victims, "no RayTrainWorker process of this head found"
             os.kill(victims[-1], signal.SIGKILL)
-            assert proc.wait(timeout=600) == 0, log_path.read_text()[-3000:]
+            assert submit.wait(timeout=600) == 0, log_path.read_text()[-4000:]
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            if submit.poll() is None:
+                submit.kill()
+    printed = log_path.read_text()
+    assert "resumed from checkpoint after epoch" in printed, printed[-3000:]
+    # the model the job says it published is the one at --output, and it loads and scores
+    published = re.search(r"model (v[0-9a-f]{12}) published to", printed)
+    assert published, printed[-2000:]
+    predictor = Predictor.load(str(output))
+    assert predictor.model_version == published.group(1) and len(predictor.predict(["Gas", "Rent"]).labels) == 2
     manifest = json.loads((output / "manifest.json").read_text())
     resumed = manifest["metrics"]["resumed_from_epoch"]
     assert resumed is not None and resumed >= 1, "the run started over instead of resuming"
     assert [h["epoch"] for h in manifest["notes"]["history"]] == [0, 1, 2]
-    assert "resumed from checkpoint after epoch" in log_path.read_text()
     resumed_test = manifest["metrics"]["test"]
     for name in ("accuracy", "macro_f1"):
         assert abs(resumed_test[name] - clean[name]) <= 0.005, (name, resumed_test[name], clean[name])

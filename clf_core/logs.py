@@ -150,13 +150,20 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for pattern in KNOWN_NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    try:
+    if "transformers" in sys.modules:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:
+        # Not imported here: a job's driver never needs transformers (importing it costs a second
+        # of every job's start). Its default verbosity comes from this variable when it is imported;
+        # its progress bars follow huggingface_hub's switch, set above or here.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if "huggingface_hub" in sys.modules:
+            import huggingface_hub
+
+            huggingface_hub.utils.disable_progress_bars()
     for name in ("peft", "bitsandbytes", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # Ray Data prints its execution plan and "dataset finished" lines for every pipeline; our

@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from clf_core import storage
 from clf_core.model.config import ClassifierConfig
 from clf_core.errors import ArtifactError, ClfError
@@ -138,6 +136,8 @@ def save_artifact(directory: str | Path, *, adapter_state: dict, tokenizer, cfg:
             f"artifact must name its backbone by content. Pass clf_core.model.backbone.backbone_fingerprint(<directory>)."
         )
     root.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file   # here, not at the top: the jobs' drivers open artifacts without torch
+
     save_file(adapter_state, root / ADAPTER, metadata={"format": "pt"})
     tokenizer.save_pretrained(root / TOKENIZER_DIR)
     for name, data in (extra_files or {}).items():
@@ -222,6 +222,8 @@ class Artifact:
         return ClassifierConfig.from_dict(values)
 
     def adapter_state(self) -> dict:
+        from safetensors.torch import load_file
+
         return load_file(self.path / ADAPTER)
 
 

@@ -202,6 +202,34 @@ def test_scorer_adds_what_it_scores_to_the_cache_and_the_labeler_holds_only_the_
     assert strict(rows)["needs_review"].to_pylist() == [True, True, True]
 
 
+@pytest.mark.integration
+def test_a_small_cache_is_joined_by_broadcast_with_the_hash_joins_answer(ray_cluster, tmp_path):
+    """The two lookups give the same rows: every text once per cache entry of it (a text cached
+    twice comes back twice), nulls for a miss, entries naming another class dropped."""
+    import ray
+
+    from clf_core.labeling import cache as label_cache
+
+    uri = str(tmp_path / "cache")
+    cache = LabelCache(uri, "v000000000001")
+    cache.append(pd.DataFrame({"text": ["Rent", "Gas", "Water"], "label": ["Income", "Expense", "Expense"],
+                               "confidence": [0.9, 0.8, 0.7]}), "r1")
+    cache.append(pd.DataFrame({"text": ["Rent", "Parking"], "label": ["Income", "Asset"],
+                               "confidence": [0.9, 0.6]}), "r2")     # Rent twice; Asset is not a class
+    texts = ray.data.from_items([{"text": t, "rows": n} for t, n in
+                                 [("Rent", 3), ("Gas", 1), ("Late Fee", 2), ("Parking", 1)]]).materialize()
+    def rows(broadcast_bytes: int, how: str) -> list[tuple]:
+        joined = label_cache.lookup(texts, uri, "v000000000001", ["Expense", "Income"], 2, broadcast_bytes)
+        assert how in str(joined), str(joined)       # the join this cache size asks for
+        return sorted(tuple(r.values()) for r in joined.to_pandas()[["text", "rows", "label", "confidence"]]
+                      .astype(object).where(lambda df: df.notna(), None).to_dict("records"))
+
+    by_hash, by_broadcast = rows(0, "Join"), rows(label_cache.BROADCAST_CACHE_BYTES, "join_entries")
+    assert by_broadcast == by_hash == [("Gas", 1, "Expense", 0.8), ("Late Fee", 2, None, None),
+                                       ("Parking", 1, None, None), ("Rent", 3, "Income", 0.9),
+                                       ("Rent", 3, "Income", 0.9)]
+
+
 def test_the_run_shuffles_by_sort_unless_told_hash():
     """Ray's default shuffle starts aggregator actors (~5 s per shuffle, two per run); the run's
     shuffles move distinct texts only, so the job asks for sort shuffle unless told otherwise."""

@@ -45,7 +45,7 @@ COMPACTED_PREFIX = "compacted-"
 # Below this many bytes of cache files a run joins by broadcast, as Spark does below
 # spark.sql.autoBroadcastJoinThreshold (10 MB): the hash join starts num_partitions aggregator
 # actors, seconds of a small night's run for a cache of a few MB (2 CPUs, 2 partitions, a cache of
-# 100 texts: lookup 3.3-4.6 s by hash join, ~1 s by broadcast). Each task holds the whole cache
+# 100 texts: lookup 3.3-4.6 s by hash join, 0.2-0.6 s by broadcast). Each task holds the whole cache
 # while it joins, so the limit stays small.
 BROADCAST_CACHE_BYTES = 16 * 1024 ** 2
 

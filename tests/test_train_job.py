@@ -277,11 +277,6 @@ def token_head_node():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _ray_cli(*args, env, timeout=120):
-    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 @pytest.mark.integration
 def test_ray_job_submit_survives_a_killed_worker_and_resumes_from_the_last_checkpoint(ray_cluster, local_s3, tmp_path,
                                                                                       tiny_backbone):

@@ -226,12 +226,17 @@ def _registered_checkpoint(storage_dir: Path) -> bool:
     return False
 
 
-def _train_worker_pids(session: int) -> list[int]:
-    """The Ray Train workers of one cluster: the processes of its head's session (the head runs in a
-    session of its own), so a worker of another test's cluster on this machine is never chosen."""
+def _session_pids(session: int, command_part: str = "") -> list[int]:
+    """The processes of one session whose command line holds command_part. The head runs in a
+    session of its own, so no process of another test's cluster on this machine is named."""
     out = subprocess.run(["ps", "-eo", "pid,sid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "ray::RayTrainWorker" in line and int(line.split()[1]) == session]
+    return [int(line.split()[0]) for line in out.splitlines()[1:]
+            if command_part in line and int(line.split()[1]) == session]
+
+
+def _train_worker_pids(session: int) -> list[int]:
+    """The Ray Train workers of the cluster whose head started session `session`."""
+    return _session_pids(session, "ray::RayTrainWorker")
 
 
 @contextlib.contextmanager
@@ -269,11 +274,12 @@ def token_head_node():
             time.sleep(2)
         yield address, env, head
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        # SIGKILL every process of the head's session: a throwaway cluster has nothing to save, and
+        # `ray start --block` given SIGTERM waited out a 30 s grace period (measured) every time.
+        for pid in _session_pids(head.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -259,3 +259,27 @@ def test_multiclass_five_account_types_train_and_score(tiny_backbone):
     out = run.predictor().predict(split.test["full_path"].tolist())
     assert out.probabilities.shape == (len(split.test), 5)
     assert set(out.labels) <= set(labels)
+
+
+def test_model_libraries_are_imported_once_with_the_collector_paused_then_frozen():
+    """A new process (as a scorer or training worker starts): the first load imports transformers,
+    peft and bitsandbytes without one garbage collection, freezes what they left and turns the
+    collector back on; a second load changes nothing. (With the collector running, those imports
+    cost a fifth of a scorer's start: clf_core.model.build.import_model_libraries.)"""
+    import subprocess
+    import sys
+
+    probe = """
+import gc, sys
+from clf_core.model.build import import_model_libraries
+collections = []
+gc.callbacks.append(lambda phase, info: phase == "start" and collections.append(info["generation"]))
+import_model_libraries()
+frozen = gc.get_freeze_count()
+import_model_libraries()
+print(len(collections), gc.isenabled(), frozen > 100_000, gc.get_freeze_count() == frozen,
+      all(m in sys.modules for m in ("transformers", "peft", "bitsandbytes")))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "True", "True", "True", "True"], out.stdout

@@ -14,6 +14,7 @@ labels are Expense/Income or five account classes.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import warnings
@@ -78,9 +79,7 @@ def resolve_hardware(cfg: ModelConfig, device: str | torch.device | None = None)
     return Hardware(dev, getattr(torch, dtype_name))
 
 
-_MODEL_LIBRARIES_IMPORTED = False
-
-
+@functools.cache   # once per process; a failed import is not cached, so a later call tries again
 def import_model_libraries() -> None:
     """Import transformers, peft and bitsandbytes once per process with Python's cyclic garbage
     collector paused, then freeze what the imports left (`gc.freeze`) and resume it.
@@ -91,16 +90,12 @@ def import_model_libraries() -> None:
     as the process, so the scans found nothing to free; frozen, later collections (training's,
     scoring's) skip them as well. Reference counting frees everything acyclic meanwhile; the
     paused span covers imports only, never model weights."""
-    global _MODEL_LIBRARIES_IMPORTED
-    if _MODEL_LIBRARIES_IMPORTED:
-        return
     collecting = gc.isenabled()
     gc.disable()
     try:
         import bitsandbytes  # noqa: F401
         import peft  # noqa: F401
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
-        _MODEL_LIBRARIES_IMPORTED = True
     finally:
         if collecting:
             gc.freeze()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jobs.bench.corrections import family_keys
+from jobs.bench.corrections import family_answer, family_keys
 from jobs.bench.main import main as run_bench
 from jobs.bench.measure import interleaved, summarize
 from jobs.bench.scoring import nightly_ledger, per_run_and_per_row
@@ -117,6 +117,16 @@ def test_a_corrected_texts_family_is_its_parent_section_or_its_first_word():
     assert family_keys("Repairs - Plumbing", "Repairs - Plumbing") & family_keys("Repairs Roof", "Repairs Roof")
     # a catch-all first word names no family on its own
     assert not family_keys("Other Income", "Other Income") & family_keys("Other Expenses", "Other Expenses")
+
+
+def test_a_family_rows_answer_is_the_one_its_families_were_given_most():
+    corrected = {"Repairs - Plumbing": "Expense", "Repairs - Roof": "Expense", "Repairs Recharged": "Income",
+                 "Travel Expenses Airfare": "Expense"}
+    names = {"Travel Expenses Airfare": "Airfare", "Travel Expenses Hotels": "Hotels"}
+    answer = family_answer(corrected, names)
+    assert answer("Repairs Gutters") == "Expense"                  # 2 votes to 1
+    assert answer("Travel Expenses Hotels") == "Expense"           # the parent section
+    assert answer("Rent Income") is None                           # no corrected text in its families
 
 
 def test_unknown_item_names_the_flag_and_the_choices(capsys):

@@ -12,6 +12,9 @@ nobody reviewed:
   correction should teach the model not to make again;
 - other rows: the rest of the unreviewed rows: the errors a correction should not cause.
 
+Beside them, how many family rows have the answer of their family as their true label: where few
+do, the answer says little about its siblings.
+
 Target: family errors fall by at least half; other errors rise by at most 1 per 1,000 rows. Both
 with 95% intervals (Wilson, on the rates pooled over the seeds). Then v1 and v2 are published
 into a registry and v2 goes through the promotion gate against v1 as champion, on the unreviewed
@@ -21,6 +24,7 @@ rows as the evaluation file: its verdict is printed.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from jobs.bench.review import Loop, catalog_for, labeled, review_loop, summarize, train_default
@@ -44,6 +48,22 @@ def family_keys(full_path: str, name: str) -> set[str]:
     if words:
         keys.add("words:" + " ".join(words[:2] if words[0] in VAGUE_FIRST_WORDS else words[:1]))
     return keys
+
+
+def family_answer(corrected: dict[str, str], names: dict[str, str]):
+    """text -> the reviewers' answer given most often in the text's families (None outside them):
+    the label a sibling would get if a correction carried over to its whole family."""
+    answers_by_family: dict[str, Counter] = {}
+    for text in sorted(corrected):
+        for key in family_keys(text, names.get(text, text)):
+            answers_by_family.setdefault(key, Counter())[corrected[text]] += 1
+
+    def answer(text: str) -> str | None:
+        votes = sum((answers_by_family[k] for k in sorted(family_keys(text, names.get(text, text)))
+                     if k in answers_by_family), Counter())
+        return votes.most_common(1)[0][0] if votes else None
+
+    return answer
 
 
 def retrain_with_answers(loop: Loop) -> str:
@@ -86,9 +106,10 @@ def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
     table = labeled(loop)                                    # v1's labels, the answers applied
     names = pd.read_csv(sample_data_path("coa_income_expense")).set_index("full_path")["text"].to_dict()
     corrected = answered_texts(loop)                         # text -> the reviewers' answer
-    families = set().union(*(family_keys(t, names.get(t, t)) for t in corrected)) if corrected else set()
+    answer = family_answer(corrected, names)
     unreviewed = table[table["label_source"] != "review"].copy()   # no answer for their text
-    unreviewed["family"] = [bool(family_keys(t, names.get(t, t)) & families) for t in unreviewed["texts"]]
+    unreviewed["family_answer"] = [answer(t) for t in unreviewed["texts"]]
+    unreviewed["family"] = unreviewed["family_answer"].notna()
     predictor = Predictor.load(v2)
     v2_labels = predictor.predict(unreviewed["texts"].tolist()).labels
     unreviewed["v1_wrong"] = unreviewed["label"] != unreviewed["true_label"]
@@ -100,6 +121,9 @@ def corrections_seed(settings: BenchSettings, seed: int, work: Path) -> dict:
                   zip(sorted(corrected), predictor.predict(sorted(corrected)).labels)) if corrected else 0
     return {"seed": seed, "review": loop.figures, "corrected_texts": len(corrected), "family_rows": len(fam),
             "other_rows": len(other), "corrections_learned": learned,
+            # how often a family's answer is its siblings' true label: carrying a correction over
+            # to its family can fix those rows only, and breaks the others
+            "family_rows_with_the_answers_label": int((fam["family_answer"] == fam["true_label"]).sum()),
             "family_errors_v1": int(fam["v1_wrong"].sum()), "family_errors_v2": int(fam["v2_wrong"].sum()),
             "other_errors_v1": int(other["v1_wrong"].sum()), "other_errors_v2": int(other["v2_wrong"].sum()),
             "gate": gate_verdict(loop, v2, unreviewed[["texts", "true_label"]])}
@@ -126,6 +150,7 @@ def bench_corrections(settings: BenchSettings, work: Path) -> dict:
 
     family = {"v1": pooled("family_errors_v1", "family_rows"), "v2": pooled("family_errors_v2", "family_rows")}
     other = {"v1": pooled("other_errors_v1", "other_rows"), "v2": pooled("other_errors_v2", "other_rows")}
+    family["with_the_answers_label"] = sum(r["family_rows_with_the_answers_label"] for r in runs)
     fall = 1 - family["v2"]["errors"] / family["v1"]["errors"] if family["v1"]["errors"] else 0.0
     rise_per_1000 = 1000 * (other["v2"]["rate"] - other["v1"]["rate"])
     return {"runs": runs, "review": summarize([r.pop("review") for r in runs], settings),
@@ -141,12 +166,16 @@ def report(results: dict) -> list[str]:
     for run in r["runs"]:
         lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected, {run['corrections_learned']} of them "
                      f"labeled as answered by v2 | family rows {run['family_rows']}: "
-                     f"errors {run['family_errors_v1']} -> {run['family_errors_v2']} | other rows {run['other_rows']}: "
+                     f"errors {run['family_errors_v1']} -> {run['family_errors_v2']}, "
+                     f"{run['family_rows_with_the_answers_label']} with the answer's label | other rows {run['other_rows']}: "
                      f"errors {run['other_errors_v1']} -> {run['other_errors_v2']} | gate: {run['gate']}")
     for name, part in (("family", r["family"]), ("other", r["other"])):
         v1, v2 = part["v1"], part["v2"]
         lines.append(f"   {name} rows, pooled: error rate {v1['rate']:.3f} [{v1['interval'][0]:.3f}, {v1['interval'][1]:.3f}] "
                      f"-> {v2['rate']:.3f} [{v2['interval'][0]:.3f}, {v2['interval'][1]:.3f}] ({v1['rows']} rows)")
+    lines.append(f"   family rows whose true label is their family's answer: {r['family']['with_the_answers_label']} "
+                 f"of {r['family']['v1']['rows']} (a correction carried over to its whole family would be "
+                 f"wrong on the rest)")
     lines.append(f"   family errors fall by {r['family_error_fall']:.0%} (target >= 50%); other errors change by "
                  f"{r['other_error_rise_per_1000']:+.1f} per 1,000 rows (target <= +1)")
     return lines

@@ -12,6 +12,7 @@ import pytest
 from jobs.bench.corrections import family_answer, family_keys
 from jobs.bench.main import main as run_bench
 from jobs.bench.measure import interleaved, summarize
+from jobs.bench.review import train_default
 from jobs.bench.scoring import nightly_ledger, per_run_and_per_row
 
 
@@ -127,6 +128,27 @@ def test_a_family_rows_answer_is_the_one_its_families_were_given_most():
     assert answer("Repairs Gutters") == "Expense"                  # 2 votes to 1
     assert answer("Travel Expenses Hotels") == "Expense"           # the parent section
     assert answer("Rent Income") is None                           # no corrected text in its families
+
+
+def test_review_items_train_with_the_config_they_are_given(tmp_path):
+    """--review-config: the recipe the review and corrections items train (e.g. the 7B one on a GPU)."""
+    import pandas as pd
+
+    from clf_core.model.artifact import open_artifact
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("lora:\n  r: 4\n  alpha: 8\ntrain:\n  epochs: 1\n  batch_size: 8\n")
+    rows = pd.DataFrame({"full_path": [f"Rent Income {i}" for i in range(10)] + [f"Repairs {i}" for i in range(10)],
+                         "label": ["Income"] * 10 + ["Expense"] * 10})
+    made = open_artifact(train_default(rows, 1, tmp_path / "model", config=str(config))).config()
+    assert (made.lora.r, made.train.epochs, made.data.text_column) == (4, 1, "full_path")
+
+
+def test_a_review_config_that_cannot_be_read_stops_the_bench_before_any_work(tmp_path, capsys):
+    assert run_bench(["--items", "corrections", "--review-config", str(tmp_path / "nope.yaml"),
+                      "--workdir", str(tmp_path / "work")]) == 2
+    assert f"--review-config {tmp_path / 'nope.yaml'}: " in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
 
 
 def test_unknown_item_names_the_flag_and_the_choices(capsys):

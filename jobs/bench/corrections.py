@@ -27,7 +27,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from jobs.bench.review import Loop, catalog_for, labeled, review_loop, summarize, train_default
+from jobs.bench.review import Loop, catalog_for, labeled, model_of, review_loop, summarize, train_default
 from jobs.bench.settings import BenchSettings
 
 
@@ -68,7 +68,8 @@ def family_answer(corrected: dict[str, str], names: dict[str, str]):
 
 def retrain_with_answers(loop: Loop) -> str:
     """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
-    return train_default(loop.train, loop.seed, loop.work / "model-v2", answers=(catalog_for(loop.work), loop.corrections))
+    return train_default(loop.train, loop.seed, loop.work / "model-v2", answers=(catalog_for(loop.work), loop.corrections),
+                         config=loop.config)
 
 
 def gate_verdict(loop: Loop, v2: str, unreviewed) -> str:
@@ -154,6 +155,7 @@ def bench_corrections(settings: BenchSettings, work: Path) -> dict:
     fall = 1 - family["v2"]["errors"] / family["v1"]["errors"] if family["v1"]["errors"] else 0.0
     rise_per_1000 = 1000 * (other["v2"]["rate"] - other["v1"]["rate"])
     return {"runs": runs, "review": summarize([r.pop("review") for r in runs], settings),
+            "config": settings.review_config,
             "family": family, "other": other, "family_error_fall": fall,
             "other_error_rise_per_1000": rise_per_1000,
             "median": {k: statistics.median(r[k] for r in runs) for k in
@@ -162,7 +164,7 @@ def bench_corrections(settings: BenchSettings, work: Path) -> dict:
 
 def report(results: dict) -> list[str]:
     r = results
-    lines = [f"-- retraining with the reviewers' answers: default model, charts it never saw; {len(r['runs'])} seed(s)"]
+    lines = [f"-- retraining with the reviewers' answers: {model_of(r)}, charts it never saw; {len(r['runs'])} seed(s)"]
     for run in r["runs"]:
         lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected, {run['corrections_learned']} of them "
                      f"labeled as answered by v2 | family rows {run['family_rows']}: "

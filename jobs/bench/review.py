@@ -55,6 +55,7 @@ class Loop:
     train: object                 # the training rows (DataFrame: full_path, label, chart)
     night: object                 # the held-out night (DataFrame: line_id, texts, chart, true_label)
     charts: list[str]
+    config: str = ""              # --review-config: the training config of both models ("" = the default)
     table: str = "bench.labeled"
     corrections: str = "bench.corrections"
     figures: dict = field(default_factory=dict)
@@ -83,16 +84,16 @@ def catalog_for(work: Path) -> str:
     return CATALOG
 
 
-def train_default(rows, seed: int, directory: Path, answers: tuple[str, str] | None = None) -> str:
-    """The default model (MiniLM, `full_path`) trained in this process on `rows` (85/15 train /
-    validation, stratified by the split seed); with `answers` (catalog, corrections table), the
-    same split with the reviewers' answers merged in as jobs.train --corrections does. Returns the
-    artifact's path."""
+def train_default(rows, seed: int, directory: Path, answers: tuple[str, str] | None = None, config: str = "") -> str:
+    """The default model (MiniLM, `full_path`), or the one `config` (a YAML file) describes, trained
+    in this process on `rows` (85/15 train / validation, stratified by the split seed); with
+    `answers` (catalog, corrections table), the same split with the reviewers' answers merged in as
+    jobs.train --corrections does. Returns the artifact's path."""
     from clf_core.model.config import ClassifierConfig
     from clf_core.training.data import Split, answers_into_splits, stratified_split
     from clf_core.training.recipe import train_classifier
 
-    cfg = ClassifierConfig.load(overrides={"data.text_column": "full_path", "train.split_seed": seed})
+    cfg = ClassifierConfig.load(config or None, {"data.text_column": "full_path", "train.split_seed": seed})
     split = stratified_split(rows[["full_path", "label"]], "label", [0.85, 0.15, 0.0], seed)
     if answers:
         parts, _ = answers_into_splits({"train": split.train, "validation": split.validation}, cfg.data, *answers)
@@ -111,13 +112,13 @@ def setup(settings: BenchSettings, seed: int, work: Path) -> Loop:
     held = table[table["chart"].isin(charts)].reset_index(drop=True)
     train = table[~table["chart"].isin(charts)].reset_index(drop=True)
     work.mkdir(parents=True, exist_ok=True)
-    artifact = train_default(train, seed, work / "model-v1")
+    artifact = train_default(train, seed, work / "model-v1", config=settings.review_config)
     night = pd.DataFrame({"line_id": range(len(held)), "texts": held["full_path"], "chart": held["chart"],
                           "true_label": held["label"]})
     partition = work / "ledgers" / "dt=2024-06-01"
     partition.mkdir(parents=True, exist_ok=True)
     night.drop(columns="true_label").to_parquet(partition / "part-0.parquet", index=False)
-    return Loop(seed, work, artifact, train, night, charts)
+    return Loop(seed, work, artifact, train, night, charts, settings.review_config)
 
 
 def label(loop: Loop, model: str, **extra):
@@ -216,16 +217,22 @@ def bench_review_of(corrections: dict) -> dict:
 
 def summarize(runs: list[dict], settings: BenchSettings) -> dict:
     return {"runs": runs, "budget": settings.review_budget, "audit_fraction": settings.review_audit_fraction,
+            "config": settings.review_config,
             "median": {k: statistics.median(r[k] for r in runs) for k in
                        ("errors", "budget_caught", "threshold_caught", "budget_flagged", "threshold_flagged",
                         "carry_reviewers_label", "audit_estimate", "unflagged_true_accuracy")},
             "interval_holds": sum(r["interval_holds"] for r in runs)}
 
 
+def model_of(results: dict) -> str:
+    """The report's name for the items' models: the default, or the config they were trained with."""
+    return f"model of {results['config']}" if results.get("config") else "default model"
+
+
 def report(results: dict) -> list[str]:
     """The item's lines of the bench's table."""
     r = results
-    lines = [f"-- review loop: default model, charts it never saw, budget {r['budget']:.0%} (no threshold), audit "
+    lines = [f"-- review loop: {model_of(r)}, charts it never saw, budget {r['budget']:.0%} (no threshold), audit "
              f"{r['audit_fraction']:.0%}; {len(r['runs'])} seed(s), medians"]
     for run in r["runs"]:
         low, high = run["audit_interval"]

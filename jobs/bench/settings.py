@@ -80,6 +80,9 @@ class BenchSettings:
     review_seeds: str = setting("Seeds of the review and corrections items: each holds out other charts of the "
                                 "packaged chart of accounts and trains the default model on the rest.",
                                 default="200,1,2")
+    review_config: str = setting("Training config (YAML, local or fsspec URI) of the review and corrections items' "
+                                 "models, e.g. configs/mistral_7b_qlora.yaml on a GPU machine that has its weights "
+                                 "(default: the small offline backbone, on the CPU).", default="")
     review_holdout: float = setting("Share of the packaged chart's rows the review items hold out, as whole charts "
                                     "the model never sees.", above=0, default=0.25)
     review_budget: float = setting("--review-budget of the review items' label runs.", above=0, default=0.10)
@@ -92,7 +95,17 @@ class BenchSettings:
 
     def validate(self) -> "BenchSettings":
         unknown = [x for x in self.item_list() if x not in ALL_ITEMS]
-        return check(self, [f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}"] if unknown else [])
+        found = [f"--items {','.join(unknown)}: unknown; choose from {','.join(ALL_ITEMS)}"] if unknown else []
+        if self.review_config and {"review", "corrections"} & set(self.item_list()):
+            # read now, not after the first seed's minutes of work
+            from clf_core.errors import ClfError
+            from clf_core.model.config import ClassifierConfig
+
+            try:
+                ClassifierConfig.load(self.review_config)
+            except ClfError as exc:
+                found.append(f"--review-config {self.review_config}: {exc}")
+        return check(self, found)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import pytest
 from jobs.bench.corrections import family_answer, family_keys
 from jobs.bench.main import main as run_bench
 from jobs.bench.measure import interleaved, summarize
-from jobs.bench.review import train_default
+from jobs.bench.review import train_model
 from jobs.bench.scoring import nightly_ledger, per_run_and_per_row
 
 
@@ -140,7 +140,7 @@ def test_review_items_train_with_the_config_they_are_given(tmp_path):
     config.write_text("lora:\n  r: 4\n  alpha: 8\ntrain:\n  epochs: 1\n  batch_size: 8\n")
     rows = pd.DataFrame({"full_path": [f"Rent Income {i}" for i in range(10)] + [f"Repairs {i}" for i in range(10)],
                          "label": ["Income"] * 10 + ["Expense"] * 10})
-    made = open_artifact(train_default(rows, 1, tmp_path / "model", config=str(config))).config()
+    made = open_artifact(train_model(rows, 1, tmp_path / "model", config=str(config))).config()
     assert (made.lora.r, made.train.epochs, made.data.text_column) == (4, 1, "full_path")
 
 

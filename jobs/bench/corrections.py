@@ -27,7 +27,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from jobs.bench.review import Loop, catalog_for, labeled, model_of, review_loop, summarize, train_default
+from jobs.bench.review import Loop, catalog_for, labeled, model_of, review_loop, summarize, train_model
 from jobs.bench.settings import BenchSettings
 
 
@@ -68,7 +68,7 @@ def family_answer(corrected: dict[str, str], names: dict[str, str]):
 
 def retrain_with_answers(loop: Loop) -> str:
     """Model v2: the training charts plus the reviewers' answers, merged as jobs.train --corrections does."""
-    return train_default(loop.train, loop.seed, loop.work / "model-v2", answers=(catalog_for(loop.work), loop.corrections),
+    return train_model(loop.train, loop.seed, loop.work / "model-v2", answers=(catalog_for(loop.work), loop.corrections),
                          config=loop.config)
 
 

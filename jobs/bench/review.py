@@ -84,7 +84,7 @@ def catalog_for(work: Path) -> str:
     return CATALOG
 
 
-def train_default(rows, seed: int, directory: Path, answers: tuple[str, str] | None = None, config: str = "") -> str:
+def train_model(rows, seed: int, directory: Path, answers: tuple[str, str] | None = None, config: str = "") -> str:
     """The default model (MiniLM, `full_path`), or the one `config` (a YAML file) describes, trained
     in this process on `rows` (85/15 train / validation, stratified by the split seed); with
     `answers` (catalog, corrections table), the same split with the reviewers' answers merged in as
@@ -112,7 +112,7 @@ def setup(settings: BenchSettings, seed: int, work: Path) -> Loop:
     held = table[table["chart"].isin(charts)].reset_index(drop=True)
     train = table[~table["chart"].isin(charts)].reset_index(drop=True)
     work.mkdir(parents=True, exist_ok=True)
-    artifact = train_default(train, seed, work / "model-v1", config=settings.review_config)
+    artifact = train_model(train, seed, work / "model-v1", config=settings.review_config)
     night = pd.DataFrame({"line_id": range(len(held)), "texts": held["full_path"], "chart": held["chart"],
                           "true_label": held["label"]})
     partition = work / "ledgers" / "dt=2024-06-01"

@@ -78,7 +78,8 @@ class BenchSettings:
     calibration_seeds: str = setting("Split seeds of the calibration item (train/validation/test 65/10/25 of the "
                                      "packaged chart, the default backbone and settings).", default="200,1,2")
     review_seeds: str = setting("Seeds of the review and corrections items: each holds out other charts of the "
-                                "packaged chart of accounts and trains the default model on the rest.",
+                                "packaged chart of accounts and trains the default model (or --review-config's) "
+                                "on the rest.",
                                 default="200,1,2")
     review_config: str = setting("Training config (YAML, local or fsspec URI) of the review and corrections items' "
                                  "models, e.g. configs/mistral_7b_qlora.yaml on a GPU machine that has its weights "

@@ -155,7 +155,6 @@ def bench_corrections(settings: BenchSettings, work: Path) -> dict:
     fall = 1 - family["v2"]["errors"] / family["v1"]["errors"] if family["v1"]["errors"] else 0.0
     rise_per_1000 = 1000 * (other["v2"]["rate"] - other["v1"]["rate"])
     return {"runs": runs, "review": summarize([r.pop("review") for r in runs], settings),
-            "config": settings.review_config,
             "family": family, "other": other, "family_error_fall": fall,
             "other_error_rise_per_1000": rise_per_1000,
             "median": {k: statistics.median(r[k] for r in runs) for k in
@@ -164,7 +163,7 @@ def bench_corrections(settings: BenchSettings, work: Path) -> dict:
 
 def report(results: dict) -> list[str]:
     r = results
-    lines = [f"-- retraining with the reviewers' answers: {model_of(r)}, charts it never saw; {len(r['runs'])} seed(s)"]
+    lines = [f"-- retraining with the reviewers' answers: {model_of(r['review'])}, charts it never saw; {len(r['runs'])} seed(s)"]
     for run in r["runs"]:
         lines.append(f"   seed {run['seed']}: {run['corrected_texts']} texts corrected, {run['corrections_learned']} of them "
                      f"labeled as answered by v2 | family rows {run['family_rows']}: "
